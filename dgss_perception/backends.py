@@ -1,0 +1,107 @@
+"""Inference backends: run one exported graph on a uint8 NHWC batch.
+
+A backend maps input name → array to output name → numpy array. ONNX Runtime
+needs no torch; the TorchScript backend imports torch only when chosen.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    name: str
+    device: str
+
+    def run(self, image: np.ndarray) -> list[np.ndarray]:
+        """image uint8 (N,H,W,3) → the graph's outputs in card order."""
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be used here (missing library, provider or device)."""
+
+
+def onnx_providers(device: str, cache_dir: Path | None) -> list:
+    """Execution providers in preference order for a device (auto | cpu | cuda)."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    chosen: list = []
+    if "TensorrtExecutionProvider" in available:
+        options = {"trt_fp16_enable": False}
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
+                           trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+        chosen.append(("TensorrtExecutionProvider", options))
+    if "CUDAExecutionProvider" in available:
+        chosen.append("CUDAExecutionProvider")
+    if device == "cuda" and not chosen:
+        raise BackendError("device 'cuda' requested but ONNX Runtime has no CUDA or TensorRT provider "
+                           f"(available: {sorted(available)}); install onnxruntime-gpu")
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime with TensorRT → CUDA → CPU providers, as available."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, input_name: str, output_names: list[str], device: str = "auto",
+                 threads: int = 0) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendError("the onnx backend needs onnxruntime (pip install onnxruntime)") from exc
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        cache = Path(os.environ.get("DGSS_TRT_CACHE", Path.home() / ".cache" / "dgss_perception" / "trt"))
+        providers = onnx_providers(device, cache)
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
+        self.providers = self.session.get_providers()
+        graph_inputs = [i.name for i in self.session.get_inputs()]
+        graph_outputs = [o.name for o in self.session.get_outputs()]
+        if graph_inputs != [input_name] or graph_outputs != output_names:
+            raise BackendError(f"{path}: graph has inputs {graph_inputs} and outputs {graph_outputs}, "
+                               f"card says {[input_name]} and {output_names}")
+        self.input_name = input_name
+        self.output_names = output_names
+
+    def run(self, image: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.output_names, {self.input_name: image})
+
+
+class TorchScriptBackend:
+    """A TorchScript graph on CUDA or CPU."""
+
+    name = "torchscript"
+
+    def __init__(self, path: Path, device: str = "auto") -> None:
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendError("the torchscript backend needs torch") from exc
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendError("device 'cuda' requested but torch sees no CUDA device")
+        self.torch = torch
+        self.device = device
+        self.module = torch.jit.load(str(path), map_location=device).eval()
+
+    def run(self, image: np.ndarray) -> list[np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.module(torch.from_numpy(image).to(self.device))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.cpu().numpy() for o in outs]

@@ -1,0 +1,232 @@
+"""The model package: ``card.json`` beside the exported graphs.
+
+The card is the contract between training/export and the runtime. It is
+validated on load; any mismatch (schema, missing graph, wrong checksum, bad
+sizes) raises :class:`CardError` naming the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+CARD_FILE = "card.json"
+FAMILIES = ("vfmnet_mgrnet", "mfuser", "depthforge", "rein")
+OUTPUT_KINDS = ("labels_confidence", "logits")
+INFERENCE_MODES = ("whole",)
+RESIZE_POLICIES = ("stretch",)
+
+
+class CardError(ValueError):
+    """A model package that the runtime refuses; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph in ONNX and/or TorchScript form."""
+
+    onnx: str | None
+    torchscript: str | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    output_kind: str
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the runtime needs to know about a model package."""
+
+    directory: Path
+    name: str
+    family: str
+    backbones: tuple[str, ...]
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_index: int
+    input_height: int
+    input_width: int
+    channel_order: str
+    layout: str
+    resize: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    normalization: str
+    inference_mode: str
+    inference_params: dict[str, Any]
+    graphs: dict[str, GraphSpec]
+    precision: str
+    checksums: dict[str, str]
+    export: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def graph_path(self, graph: str, kind: str) -> Path:
+        spec = self.graphs[graph]
+        name = spec.onnx if kind == "onnx" else spec.torchscript
+        if name is None:
+            raise CardError(f"model package {self.directory} has no {kind} file for graph '{graph}'")
+        return self.directory / name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in data:
+        raise CardError(f"{where}: missing field '{key}'")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CardError(f"{where}: field '{key}' should be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _tensor_specs(items: Any, where: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(items, list) or not items:
+        raise CardError(f"{where}: expected a non-empty list of tensors")
+    specs = []
+    for i, item in enumerate(items):
+        w = f"{where}[{i}]"
+        specs.append(TensorSpec(
+            name=_require(item, "name", str, w),
+            dtype=_require(item, "dtype", str, w),
+            shape=tuple(int(s) for s in _require(item, "shape", list, w)),
+        ))
+    return tuple(specs)
+
+
+def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
+    """Validate a card dictionary (without touching the graph files)."""
+    where = str(directory / CARD_FILE)
+    version = _require(data, "schema_version", int, where)
+    if version != SCHEMA_VERSION:
+        raise CardError(f"{where}: schema_version {version} is not supported (this runtime reads {SCHEMA_VERSION})")
+    family = _require(data, "family", str, where)
+    if family not in FAMILIES:
+        raise CardError(f"{where}: unknown family '{family}' (known: {', '.join(FAMILIES)})")
+    classes = tuple(_require(data, "classes", list, where))
+    palette = tuple(tuple(int(c) for c in rgb) for rgb in _require(data, "palette", list, where))
+    if not classes or len(classes) > 255:
+        raise CardError(f"{where}: 'classes' must hold 1 to 255 names, got {len(classes)}")
+    if len(palette) != len(classes) or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette):
+        raise CardError(f"{where}: 'palette' must hold one RGB triple (0–255) per class ({len(classes)})")
+
+    inp = _require(data, "input", dict, where)
+    w_in = where + ": input"
+    height, width = _require(inp, "height", int, w_in), _require(inp, "width", int, w_in)
+    if height <= 0 or width <= 0:
+        raise CardError(f"{w_in}: size must be positive, got {width}x{height}")
+    mean = tuple(float(v) for v in _require(inp, "mean", list, w_in))
+    std = tuple(float(v) for v in _require(inp, "std", list, w_in))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise CardError(f"{w_in}: mean and std need three values, std positive")
+    channel_order = _require(inp, "channel_order", str, w_in)
+    if channel_order not in ("RGB", "BGR"):
+        raise CardError(f"{w_in}: channel_order must be RGB or BGR, got {channel_order!r}")
+    layout = _require(inp, "layout", str, w_in)
+    if layout != "NHWC":
+        raise CardError(f"{w_in}: layout must be NHWC, got {layout!r}")
+    resize = _require(inp, "resize", str, w_in)
+    if resize not in RESIZE_POLICIES:
+        raise CardError(f"{w_in}: resize policy {resize!r} unknown (known: {', '.join(RESIZE_POLICIES)})")
+    normalization = _require(inp, "normalization", str, w_in)
+    if normalization != "in_graph":
+        raise CardError(f"{w_in}: normalization must be 'in_graph', got {normalization!r}")
+
+    inference = _require(data, "inference", dict, where)
+    mode = _require(inference, "mode", str, where + ": inference")
+    if mode not in INFERENCE_MODES:
+        raise CardError(f"{where}: inference mode {mode!r} unknown (known: {', '.join(INFERENCE_MODES)})")
+
+    graphs: dict[str, GraphSpec] = {}
+    for gname, g in _require(data, "graphs", dict, where).items():
+        wg = f"{where}: graphs.{gname}"
+        kind = _require(g, "output_kind", str, wg)
+        if kind not in OUTPUT_KINDS:
+            raise CardError(f"{wg}: output_kind {kind!r} unknown (known: {', '.join(OUTPUT_KINDS)})")
+        spec = GraphSpec(
+            onnx=g.get("onnx"), torchscript=g.get("torchscript"),
+            inputs=_tensor_specs(g.get("inputs"), wg + ".inputs"),
+            outputs=_tensor_specs(g.get("outputs"), wg + ".outputs"),
+            output_kind=kind,
+        )
+        if spec.onnx is None and spec.torchscript is None:
+            raise CardError(f"{wg}: names neither an onnx nor a torchscript file")
+        expected_in = (1, height, width, 3)
+        if spec.inputs[0].shape != expected_in or spec.inputs[0].dtype != "uint8":
+            raise CardError(f"{wg}: input must be uint8 {list(expected_in)}, card says "
+                            f"{spec.inputs[0].dtype} {list(spec.inputs[0].shape)}")
+        want = 2 if kind == "labels_confidence" else 1
+        if len(spec.outputs) != want:
+            raise CardError(f"{wg}: output_kind {kind} needs {want} output(s), card lists {len(spec.outputs)}")
+        graphs[gname] = spec
+    if mode not in graphs:
+        raise CardError(f"{where}: inference mode {mode!r} needs a graph named {mode!r}, card has {sorted(graphs)}")
+
+    return ModelCard(
+        directory=directory, name=_require(data, "name", str, where), family=family,
+        backbones=tuple(_require(data, "backbones", list, where)), classes=classes, palette=palette,
+        ignore_index=int(data.get("ignore_index", 255)), input_height=height, input_width=width,
+        channel_order=channel_order, layout=layout, resize=resize, mean=mean, std=std,
+        normalization=normalization, inference_mode=mode, inference_params=dict(inference.get("params", {})),
+        graphs=graphs, precision=_require(data, "precision", str, where),
+        checksums=dict(_require(data, "checksums", dict, where)), export=dict(data.get("export", {})),
+    )
+
+
+def load_card(model_dir: str | Path, verify_checksums: bool = True) -> ModelCard:
+    """Read and validate ``<model_dir>/card.json``; check every graph file exists and matches its checksum."""
+    directory = Path(model_dir)
+    path = directory / CARD_FILE
+    if not directory.is_dir():
+        raise CardError(f"model package not found: {directory} is not a directory")
+    if not path.is_file():
+        raise CardError(f"model package {directory} has no {CARD_FILE}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CardError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CardError(f"{path} must hold a JSON object")
+    card = parse_card(data, directory)
+    for spec in card.graphs.values():
+        for fname in (spec.onnx, spec.torchscript):
+            if fname is None:
+                continue
+            fpath = directory / fname
+            if not fpath.is_file():
+                raise CardError(f"model package {directory}: graph file {fname} is missing")
+            if fname not in card.checksums:
+                raise CardError(f"model package {directory}: no checksum for {fname} in {CARD_FILE}")
+            if verify_checksums:
+                actual = sha256_file(fpath)
+                if actual != card.checksums[fname]:
+                    raise CardError(f"model package {directory}: checksum of {fname} is {actual}, "
+                                    f"card says {card.checksums[fname]} (file changed or corrupt)")
+    return card
+
+
+def write_card(model_dir: Path, data: dict[str, Any]) -> ModelCard:
+    """Fill in graph checksums, write card.json, and validate it by loading it back."""
+    files = [f for g in data["graphs"].values() for f in (g.get("onnx"), g.get("torchscript")) if f]
+    data = dict(data, schema_version=SCHEMA_VERSION,
+                checksums={f: sha256_file(model_dir / f) for f in files})
+    (model_dir / CARD_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    return load_card(model_dir)

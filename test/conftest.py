@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny model package made by the real export pipeline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # training/ is used from the checkout, not installed
+    sys.path.insert(0, str(ROOT))
+
+TINY_CONFIG = {
+    "name": "tiny_test",
+    "model": {
+        "family": "vfmnet_mgrnet",
+        "img_size": [56, 84],
+        "backbone": {"name": "vit_small_patch14_dinov2", "weights": "",
+                     "overrides": {"embed_dim": 32, "depth": 4, "num_heads": 2},
+                     "lora": {"r": 4, "alpha": 4, "dropout": 0.0, "targets": ["qkv"]}},
+        "head": {"channels": [32, 16, 16], "dropout": 0.1},
+    },
+}
+
+
+def make_tiny_weights(path: Path, seed: int = 0) -> "object":
+    """Random-initialised tiny VFMNet weights (LoRA B made non-zero so merging matters)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from training.build import build_vfmnet
+    from training.config import config_from_dict
+
+    cfg = config_from_dict(TINY_CONFIG)
+    torch.manual_seed(seed)
+    model = build_vfmnet(cfg.model)
+    state = {k: (torch.randn_like(v) * 0.05 if "lora_B" in k else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported tiny VFMNet package (ONNX + TorchScript + card.json), random weights."""
+    from training.export import export_package
+
+    work = tmp_path_factory.mktemp("tiny_model")
+    cfg = make_tiny_weights(work / "weights.safetensors")
+    out = work / "package"
+    export_package(cfg, work / "weights.safetensors", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ros_domain_id() -> int:
+    """A DDS domain of this test process's own, so parallel runs never cross-talk."""
+    domain = 1 + os.getpid() % 100
+    os.environ["ROS_DOMAIN_ID"] = str(domain)
+    return domain

@@ -1,0 +1,162 @@
+"""The node end to end over real DDS: segment_node in a subprocess, a test node here."""
+
+from __future__ import annotations
+
+import array
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rclpy
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+
+from dgss_perception.codec import encode_jpeg, image_to_rgb, compressed_to_rgb
+from dgss_perception.engine import Segmenter
+
+from rosutil import RELIABLE, Collector, Spinner, init_context, start_node_process, stop_process, wait_for
+
+rng = np.random.default_rng(7)
+
+
+def make_image(stamp: int, width: int, height: int, encoding: str, pad: int = 0) -> Image:
+    channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "mono16": 2}[encoding]
+    step = width * channels + pad
+    data = rng.integers(0, 256, size=step * height, dtype=np.uint8)
+    # Smooth structure so the labels vary over the image, not only noise.
+    msg = Image(header=Header(stamp=Time(sec=stamp, nanosec=123), frame_id="camera_optical"),
+                height=height, width=width, encoding=encoding, is_bigendian=0, step=step)
+    msg.data = array.array("B", data.tobytes())
+    return msg
+
+
+class Harness:
+    def __init__(self, tmp: Path, model: Path, transport: str, extra: list[str] = ()) -> None:
+        self.proc = start_node_process(
+            ["-p", f"model:={model}", "-p", f"image_transport:={transport}", "-p", "qos_reliability:=reliable",
+             "-p", "diagnostics_period:=0.3", "-p", "backend:=onnx", "-r", "__ns:=/cam", *extra],
+            tmp / f"node_{transport}.log")
+        self.log = tmp / f"node_{transport}.log"
+        self.context = init_context()
+        self.node = rclpy.create_node("node_test_driver", context=self.context)
+        msg_type = CompressedImage if transport == "compressed" else Image
+        topic = "/cam/image/compressed" if transport == "compressed" else "/cam/image"
+        self.pub = self.node.create_publisher(msg_type, topic, RELIABLE)
+        self.labels = Collector(self.node, Image, "/cam/labels")
+        self.color = Collector(self.node, Image, "/cam/labels/color")
+        self.confidence = Collector(self.node, Image, "/cam/labels/confidence")
+        self.diag = Collector(self.node, DiagnosticArray, "/diagnostics")
+        self.spinner = Spinner(self.node)
+        wait_for(lambda: self.proc.poll() is None and self.pub.get_subscription_count() > 0
+                 and self.labels.sub.get_publisher_count() > 0, 60, f"segment_node to start (log: {self.log.read_text()})")
+
+    def send(self, msg, timeout: float = 20.0) -> Image:
+        stamp = (msg.header.stamp.sec, msg.header.stamp.nanosec)
+        self.pub.publish(msg)
+        match = lambda m: (m.header.stamp.sec, m.header.stamp.nanosec) == stamp  # noqa: E731
+        wait_for(lambda: self.labels.find(match) is not None, timeout, f"labels for stamp {stamp}")
+        return self.labels.find(match)
+
+    def diagnostics_value(self, key: str) -> int:
+        last = self.diag.messages[-1].status[0]
+        return int({kv.key: kv.value for kv in last.values}[key])
+
+    def close(self) -> int:
+        self.spinner.stop()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+        return stop_process(self.proc)
+
+
+@pytest.fixture(scope="module")
+def raw_node(tmp_path_factory, tiny_model_dir, ros_domain_id):
+    h = Harness(tmp_path_factory.mktemp("raw"), tiny_model_dir, "raw")
+    yield h
+    assert h.close() == 0, h.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Segmenter(tiny_model_dir, backend="onnx")
+
+
+def labels_array(msg: Image) -> np.ndarray:
+    assert msg.encoding == "mono8" and msg.step == msg.width
+    return np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width)
+
+
+@pytest.mark.parametrize("encoding,width,height,pad", [
+    ("rgb8", 97, 61, 0), ("bgr8", 333, 127, 5), ("rgba8", 64, 48, 0), ("bgra8", 50, 31, 2),
+    ("mono8", 101, 77, 3), ("mono16", 80, 45, 0), ("rgb8", 1920, 1080, 0),
+])
+def test_labels_equal_engine_and_header_copied(raw_node, engine, encoding, width, height, pad):
+    msg = make_image(1000 + width, width, height, encoding, pad)
+    out = raw_node.send(msg)
+    assert out.header.frame_id == "camera_optical"
+    assert (out.header.stamp.sec, out.header.stamp.nanosec) == (msg.header.stamp.sec, msg.header.stamp.nanosec)
+    assert (out.height, out.width) == (height, width)
+    expected = engine.segment(image_to_rgb(msg)).labels
+    np.testing.assert_array_equal(labels_array(out), expected)
+
+
+def test_colour_and_confidence_published_when_subscribed(raw_node):
+    wait_for(lambda: raw_node.color.sub.get_publisher_count() > 0, 10, "color publisher")
+    msg = make_image(5000, 64, 40, "rgb8")
+    raw_node.send(msg)
+    stamp = lambda m: m.header.stamp.sec == 5000  # noqa: E731
+    wait_for(lambda: raw_node.color.find(stamp) and raw_node.confidence.find(stamp), 10, "color and confidence")
+    color = raw_node.color.find(stamp)
+    assert color.encoding == "rgb8" and (color.height, color.width) == (40, 64)
+
+
+def test_malformed_frames_are_counted_and_survived(raw_node):
+    bad = []
+    m = make_image(6001, 32, 32, "rgb8")
+    m.step = 50  # step × height no longer matches the data
+    bad.append(m)
+    m = make_image(6002, 32, 32, "rgb8")
+    m.encoding = "yuv422_yuy2"
+    bad.append(m)
+    m = make_image(6003, 32, 32, "rgb8")
+    m.height, m.width, m.step, m.data = 0, 0, 0, array.array("B")
+    bad.append(m)
+    m = make_image(6004, 32, 32, "rgb8")
+    m.data = m.data[:100]  # truncated
+    bad.append(m)
+    for msg in bad:
+        raw_node.pub.publish(msg)
+    wait_for(lambda: raw_node.diag.messages and raw_node.diagnostics_value("frames_malformed") >= 4, 20,
+             "diagnostics counting the malformed frames")
+    assert raw_node.proc.poll() is None
+    out = raw_node.send(make_image(6100, 40, 30, "bgr8"))  # still alive and segmenting
+    assert (out.width, out.height) == (40, 30)
+    assert not any(raw_node.labels.find(lambda x, s=s: x.header.stamp.sec == s) for s in (6001, 6002, 6003, 6004))
+
+
+def test_compressed_input(tmp_path, tiny_model_dir, engine, ros_domain_id):
+    h = Harness(tmp_path, tiny_model_dir, "compressed")
+    try:
+        rgb = rng.integers(0, 256, size=(71, 133, 3), dtype=np.uint8)
+        msg = CompressedImage(header=Header(stamp=Time(sec=7000), frame_id="cam_front"), format="jpeg")
+        msg.data = array.array("B", encode_jpeg(rgb))
+        out = h.send(msg)
+        assert out.header.frame_id == "cam_front" and (out.width, out.height) == (133, 71)
+        np.testing.assert_array_equal(labels_array(out), engine.segment(compressed_to_rgb(msg)).labels)
+        corrupt = CompressedImage(header=Header(stamp=Time(sec=7001)), format="jpeg")
+        corrupt.data = array.array("B", encode_jpeg(rgb)[:40] + b"\x00" * 30)
+        h.pub.publish(corrupt)
+        wait_for(lambda: h.diag.messages and h.diagnostics_value("frames_malformed") >= 1, 20, "corrupt JPEG counted")
+        out = h.send(CompressedImage(header=Header(stamp=Time(sec=7002)), format="jpeg",
+                                     data=array.array("B", encode_jpeg(rgb))))
+        assert out.header.stamp.sec == 7002
+    finally:
+        assert h.close() == 0, h.log.read_text()
+
+
+def test_bad_model_exits_with_clear_error(tmp_path, ros_domain_id):
+    proc = start_node_process(["-p", f"model:={tmp_path / 'missing'}"], tmp_path / "log.txt")
+    proc.wait(timeout=60)
+    assert proc.returncode == 2
+    assert "model package not found" in (tmp_path / "log.txt").read_text()
