@@ -26,6 +26,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -105,7 +106,8 @@ class SegmentNode(Node):
             self.sub = self.create_subscription(CompressedImage, "image/compressed", self._on_frame, in_qos)
         else:
             self.sub = self.create_subscription(Image, "image", self._on_frame, in_qos)
-        self.create_timer(p["diagnostics_period"], self._publish_diagnostics)
+        # Wall-clock period: diagnostics keep flowing when /clock pauses during bag replay.
+        self.create_timer(p["diagnostics_period"], self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.get_logger().info(
             f"segmenting {self.sub.topic_name} with {card.name} ({card.family}, {self.segmenter.backend.name} "
             f"on {self.segmenter.backend.device}, network {card.input_width}x{card.input_height}) → "

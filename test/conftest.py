@@ -26,7 +26,7 @@ TINY_CONFIG = {
 
 
 def make_tiny_weights(path: Path, seed: int = 0) -> "object":
-    """Random-initialised tiny VFMNet weights (LoRA B made non-zero so merging matters)."""
+    """Random-initialised tiny VFMNet weights (LoRA B non-zero so merging matters)."""
     import torch
     from safetensors.torch import save_file
 
@@ -36,7 +36,15 @@ def make_tiny_weights(path: Path, seed: int = 0) -> "object":
     cfg = config_from_dict(TINY_CONFIG)
     torch.manual_seed(seed)
     model = build_vfmnet(cfg.model)
-    state = {k: (torch.randn_like(v) * 0.05 if "lora_B" in k else v).contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    for k, v in state.items():
+        if "lora_B" in k:
+            state[k] = torch.randn_like(v) * 0.05
+        elif k.startswith("head.classifier.weight"):
+            # A sharp classifier: random-initialised logits are otherwise near-uniform and
+            # the labels near-constant, which would let wrong outputs pass the tests.
+            state[k] = v * 200
+    state = {k: v.contiguous() for k, v in state.items()}
     save_file(state, str(path))
     return cfg
 

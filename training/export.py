@@ -39,8 +39,9 @@ class ParityError(RuntimeError):
     """An exported graph that does not reproduce eager PyTorch."""
 
 
-def fit_state_to_model(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Resample absolute positional embeddings to the model's grid (export at another size than training)."""
+def fit_state_to_model(state: dict[str, torch.Tensor], model: nn.Module,
+                       trained_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Resample absolute positional embeddings from the training grid to the model's (export at another size)."""
     from timm.layers import resample_abs_pos_embed
 
     own = model.state_dict()
@@ -49,7 +50,9 @@ def fit_state_to_model(state: dict[str, torch.Tensor], model: nn.Module) -> dict
         if key.endswith("pos_embed") and key in own and own[key].shape != value.shape:
             vit = model.get_submodule(key.rsplit(".", 1)[0])
             prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
-            state[key] = resample_abs_pos_embed(value, new_size=list(vit.patch_embed.grid_size),
+            patch = vit.patch_embed.patch_size
+            old = [trained_size[0] // patch[0], trained_size[1] // patch[1]]
+            state[key] = resample_abs_pos_embed(value, new_size=list(vit.patch_embed.grid_size), old_size=old,
                                                 num_prefix_tokens=prefix, verbose=False)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -62,7 +65,7 @@ def fit_state_to_model(state: dict[str, torch.Tensor], model: nn.Module) -> dict
 def load_export_model(cfg: TrainConfig, weights: Path, size: tuple[int, int]) -> nn.Module:
     """The trained model at ``size`` with LoRA merged into the backbone, in eval mode."""
     model = build_vfmnet(cfg.model, img_size=size, with_lora=True, load_weights=False)
-    model.load_state_dict(fit_state_to_model(load_state_dict_file(weights), model))
+    model.load_state_dict(fit_state_to_model(load_state_dict_file(weights), model, tuple(cfg.model.img_size)))
     merge_lora(model)
     return model.eval()
 

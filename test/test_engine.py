@@ -1,0 +1,102 @@
+"""The engine on a tiny exported model: backends agree, card validated, sizes kept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from dgss_perception.card import CardError, load_card
+from dgss_perception.engine import Segmenter
+
+rng = np.random.default_rng(1)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((56, 84), (61, 97), (480, 640), (1080, 1920))]
+
+
+def test_labels_at_input_resolution(tiny_model_dir, frames):
+    seg = Segmenter(tiny_model_dir, backend="onnx")
+    for rgb in frames:
+        r = seg.segment(rgb)
+        assert r.labels.shape == rgb.shape[:2] and r.labels.dtype == np.uint8
+        assert r.labels.max() < seg.card.num_classes
+        assert r.confidence.shape == rgb.shape[:2]
+        assert r.confidence.min() >= 1.0 / seg.card.num_classes - 1e-6 and r.confidence.max() <= 1.0 + 1e-6
+        assert set(r.timings_ms) == {"preprocess", "inference", "postprocess"}
+
+
+def test_network_resolution(tiny_model_dir, frames):
+    seg = Segmenter(tiny_model_dir, backend="onnx", output_resolution="network")
+    r = seg.segment(frames[3])
+    assert r.labels.shape == seg.network_size
+
+
+def test_onnx_and_torchscript_agree(tiny_model_dir, frames):
+    a = Segmenter(tiny_model_dir, backend="onnx")
+    b = Segmenter(tiny_model_dir, backend="torchscript")
+    for rgb in frames[:3]:
+        ra, rb = a.segment(rgb), b.segment(rgb)
+        assert np.abs(ra.confidence - rb.confidence).max() < 1e-4
+        assert (ra.labels != rb.labels).mean() < 1e-3
+
+
+def test_labels_depend_on_image(tiny_model_dir):
+    seg = Segmenter(tiny_model_dir)
+    a = seg.segment(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)).labels
+    b = seg.segment(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)).labels
+    assert not np.array_equal(a, b)
+    assert len(np.unique(a)) > 3  # a degenerate constant output would make equality tests meaningless
+
+
+def test_bad_arguments(tiny_model_dir):
+    with pytest.raises(ValueError, match="backend"):
+        Segmenter(tiny_model_dir, backend="tensorflow")
+    with pytest.raises(ValueError, match="device"):
+        Segmenter(tiny_model_dir, device="tpu")
+    with pytest.raises(ValueError, match="RGB uint8"):
+        Segmenter(tiny_model_dir).segment(np.zeros((10, 10), np.uint8))
+
+
+def copy_package(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(schema_version=99), "schema_version 99"),
+    (lambda c: c.update(family="yolo"), "unknown family"),
+    (lambda c: c["input"].update(height=57), "input must be uint8"),
+    (lambda c: c["palette"].pop(), "palette"),
+    (lambda c: c["inference"].update(mode="slide"), "inference mode"),
+    (lambda c: c.pop("graphs"), "missing field 'graphs'"),
+    (lambda c: c["input"].update(channel_order="RGBA"), "channel_order"),
+])
+def test_card_mismatch_refused(tiny_model_dir, tmp_path, edit, message):
+    pkg = copy_package(tiny_model_dir, tmp_path / "pkg")
+    card = json.loads((pkg / "card.json").read_text())
+    edit(card)
+    (pkg / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CardError, match=message):
+        Segmenter(pkg)
+
+
+def test_corrupt_or_missing_files_refused(tiny_model_dir, tmp_path):
+    pkg = copy_package(tiny_model_dir, tmp_path / "pkg")
+    with open(pkg / "whole.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff\xff\xff")
+    with pytest.raises(CardError, match="checksum"):
+        load_card(pkg)
+    (pkg / "whole.onnx").unlink()
+    with pytest.raises(CardError, match="missing"):
+        load_card(pkg)
+    (pkg / "card.json").write_text("{not json")
+    with pytest.raises(CardError, match="not valid JSON"):
+        load_card(pkg)
+    with pytest.raises(CardError, match="not found"):
+        load_card(tmp_path / "nowhere")
