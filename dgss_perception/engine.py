@@ -39,7 +39,9 @@ class SegmentResult:
         if self._confidence is None:
             h, w = self.labels.shape
             conf = self.network_confidence
-            self._confidence = conf if conf.shape == (h, w) else cv2.resize(conf, (w, h), interpolation=cv2.INTER_LINEAR)
+            if conf.shape != (h, w):
+                conf = cv2.resize(conf, (w, h), interpolation=cv2.INTER_LINEAR)
+            self._confidence = conf
         return self._confidence
 
 
@@ -114,7 +116,8 @@ class Segmenter:
         outputs = self.backend.run(batch)
         t2 = time.perf_counter()
         if self.graph.output_kind == "labels_confidence":
-            labels, confidence = outputs[0][0].astype(np.uint8, copy=False), outputs[1][0].astype(np.float32, copy=False)
+            labels = outputs[0][0].astype(np.uint8, copy=False)
+            confidence = outputs[1][0].astype(np.float32, copy=False)
         else:
             labels, confidence = _softmax_max_argmax(outputs[0][0].astype(np.float32, copy=False))
         if self.output_resolution == "input" and labels.shape != rgb.shape[:2]:

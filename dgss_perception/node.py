@@ -107,7 +107,8 @@ class SegmentNode(Node):
         else:
             self.sub = self.create_subscription(Image, "image", self._on_frame, in_qos)
         # Wall-clock period: diagnostics keep flowing when /clock pauses during bag replay.
-        self.create_timer(p["diagnostics_period"], self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self.create_timer(p["diagnostics_period"], self._publish_diagnostics,
+                          clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.get_logger().info(
             f"segmenting {self.sub.topic_name} with {card.name} ({card.family}, {self.segmenter.backend.name} "
             f"on {self.segmenter.backend.device}, network {card.input_width}x{card.input_height}) → "
@@ -119,13 +120,17 @@ class SegmentNode(Node):
             (bool(p["model"]), "parameter 'model' must name a model package directory"),
             (p["backend"] in BACKENDS, f"backend must be one of {BACKENDS}, got {p['backend']!r}"),
             (p["device"] in DEVICES, f"device must be one of {DEVICES}, got {p['device']!r}"),
-            (p["image_transport"] in TRANSPORTS, f"image_transport must be raw or compressed, got {p['image_transport']!r}"),
-            (p["qos_reliability"] in RELIABILITY, f"qos_reliability must be reliable or best_effort, got {p['qos_reliability']!r}"),
+            (p["image_transport"] in TRANSPORTS,
+             f"image_transport must be raw or compressed, got {p['image_transport']!r}"),
+            (p["qos_reliability"] in RELIABILITY,
+             f"qos_reliability must be reliable or best_effort, got {p['qos_reliability']!r}"),
             (p["output_qos_reliability"] in RELIABILITY, "output_qos_reliability must be reliable or best_effort"),
             (isinstance(p["qos_depth"], int) and p["qos_depth"] >= 1, f"qos_depth must be ≥ 1, got {p['qos_depth']!r}"),
-            (p["output_resolution"] in OUTPUT_RESOLUTIONS, f"output_resolution must be input or network, got {p['output_resolution']!r}"),
+            (p["output_resolution"] in OUTPUT_RESOLUTIONS,
+             f"output_resolution must be input or network, got {p['output_resolution']!r}"),
             (0.0 <= float(p["overlay_alpha"]) <= 1.0, f"overlay_alpha must lie in [0, 1], got {p['overlay_alpha']}"),
-            (p["inference_mode"] in INFERENCE_MODES, f"inference_mode must be one of {INFERENCE_MODES[1:]}, got {p['inference_mode']!r}"),
+            (p["inference_mode"] in INFERENCE_MODES,
+             f"inference_mode must be one of {INFERENCE_MODES[1:]}, got {p['inference_mode']!r}"),
             (0.0 < float(p["confidence_threshold"]) < 1.0, "confidence_threshold must lie in (0, 1)"),
             (0.0 <= float(p["refine_fraction"]) <= 1.0, "refine_fraction must lie in [0, 1]"),
             (float(p["diagnostics_period"]) > 0, "diagnostics_period must be positive"),

@@ -235,8 +235,8 @@ def test_collision_in_bag_refused_before_writing(tmp_path: Path, segmenter: Segm
     src = tmp_path / "src"
     frames = [(T0, _frame(0, 9, 11))]
     with Writer(src, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
-        for topic, typ in (("/a/image", "sensor_msgs/msg/Image"), ("/a/image/compressed",
-                                                                  "sensor_msgs/msg/CompressedImage")):
+        pairs = (("/a/image", "sensor_msgs/msg/Image"), ("/a/image/compressed", "sensor_msgs/msg/CompressedImage"))
+        for topic, typ in pairs:
             conn = writer.add_connection(topic, typ, typestore=TS)
             for t, rgb in frames:
                 if typ.endswith("CompressedImage"):

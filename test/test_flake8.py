@@ -10,6 +10,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.linter
 def test_flake8():
     ament_flake8 = pytest.importorskip("ament_flake8.main")
-    errors = ament_flake8.main_with_errors(argv=["--config", str(ROOT / ".flake8"),
-                                                 *(str(ROOT / d) for d in ("dgss_perception", "training", "launch", "test"))])
+    paths = [str(ROOT / d) for d in ("dgss_perception", "training", "launch", "test")]
+    errors = ament_flake8.main_with_errors(argv=["--config", str(ROOT / ".flake8"), *paths])
     assert errors[0] == 0, f"flake8 found {errors[0]} problem(s):\n" + "\n".join(errors[1])

@@ -50,7 +50,8 @@ class Harness:
         self.diag = Collector(self.node, DiagnosticArray, "/diagnostics")
         self.spinner = Spinner(self.node)
         wait_for(lambda: self.proc.poll() is None and self.pub.get_subscription_count() > 0
-                 and self.labels.sub.get_publisher_count() > 0, 60, f"segment_node to start (log: {self.log.read_text()})")
+                 and self.labels.sub.get_publisher_count() > 0, 60,
+                 f"segment_node to start (log: {self.log.read_text()})")
 
     def send(self, msg, timeout: float = 20.0) -> Image:
         stamp = (msg.header.stamp.sec, msg.header.stamp.nanosec)

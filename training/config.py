@@ -101,8 +101,13 @@ def _build(cls: type, data: Any, where: str) -> Any:
     for key, value in data.items():
         hint = hints[key]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        target = hint if dataclasses.is_dataclass(hint) else (
-            args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and args and dataclasses.is_dataclass(args[0]) else None)
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        if dataclasses.is_dataclass(hint):
+            target = hint
+        elif optional and args and dataclasses.is_dataclass(args[0]):
+            target = args[0]
+        else:
+            target = None
         kwargs[key] = _build(target, value, f"{where}.{key}") if target is not None and value is not None else value
     return cls(**kwargs)
 

@@ -165,7 +165,8 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
     import onnx
     import timm
 
-    classes = list(CITYSCAPES_CLASSES) if cfg.model.num_classes == 19 else [f"class_{i}" for i in range(cfg.model.num_classes)]
+    n = cfg.model.num_classes
+    classes = list(CITYSCAPES_CLASSES) if n == 19 else [f"class_{i}" for i in range(n)]
     palette = [list(c) for c in CITYSCAPES_PALETTE][: cfg.model.num_classes]
     card = {
         "name": name or cfg.name,

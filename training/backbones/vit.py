@@ -71,7 +71,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     bad = [k for k in own if own[k].shape != state[k].shape]
     if bad:
         raise ValueError(f"backbone weights {path}: shape mismatch for {bad[:8]} "
-                         f"(expected {[tuple(own[k].shape) for k in bad[:3]]}, found {[tuple(state[k].shape) for k in bad[:3]]})")
+                         f"(expected {[tuple(own[k].shape) for k in bad[:3]]}, "
+                         f"found {[tuple(state[k].shape) for k in bad[:3]]})")
     model.load_state_dict(state)
 
 

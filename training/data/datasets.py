@@ -62,7 +62,8 @@ def cityscapes_samples(root: str | Path, split: str) -> list[Sample]:
     return samples
 
 
-def acdc_samples(root: str | Path, split: str, conditions: list[str] | tuple[str, ...] = ACDC_CONDITIONS) -> list[Sample]:
+def acdc_samples(root: str | Path, split: str,
+                 conditions: list[str] | tuple[str, ...] = ACDC_CONDITIONS) -> list[Sample]:
     """rgb_anon/<cond>/<split>/<seq>/*_rgb_anon.png with gt/<cond>/<split>/<seq>/*_gt_labelTrainIds.png."""
     root = Path(root)
     samples = []
