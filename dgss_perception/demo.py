@@ -161,7 +161,7 @@ def _replay(model: Path, bag: Path, work: Path, expected: int, timeout: float) -
                 raise RuntimeError(f"segment_node did not start; see {work / 'node.log'}")
             time.sleep(0.1)
         print(f"segment_node is up; playing {bag} on {TOPIC}", flush=True)
-        play_bag(bag, rate=1.0, clock=True, qos_reliability="reliable", start_delay=1.5)
+        play_bag(bag, rate=1.0, clock=True, qos_reliability="reliable", start_delay=0.5, wait_for_subscribers=30)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with lock:

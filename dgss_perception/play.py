@@ -228,7 +228,7 @@ def _plan(reader: Reader, topics: list[str] | None, remap: dict[str, str], clock
 def play_bag(path: str | Path, *, rate: float = 1.0, loop: bool = False, clock: bool = True,
              topics: list[str] | None = None, qos_reliability: str = "reliable", start_delay: float = 0.5,
              remap: dict[str, str] | None = None, node: Any = None,
-             stop_event: threading.Event | None = None) -> PlayReport:
+             stop_event: threading.Event | None = None, wait_for_subscribers: float = 0.0) -> PlayReport:
     """Publish a bag's messages at their recorded timing (see the module docstring).
 
     Args:
@@ -239,6 +239,8 @@ def play_bag(path: str | Path, *, rate: float = 1.0, loop: bool = False, clock: 
         topics: bag topics to play (default: all).
         qos_reliability: ``reliable`` or ``best_effort`` for the message publishers.
         start_delay: seconds to wait after creating publishers so subscribers can match.
+        wait_for_subscribers: wait up to this many seconds (before ``start_delay``) until every
+            played topic has a subscriber, so no message goes out before anyone listens.
         remap: bag topic → published topic.
         node: an rclpy node to publish from; without one, a node is created (and rclpy
             initialised and shut down again if it was not running).
@@ -273,6 +275,10 @@ def play_bag(path: str | Path, *, rate: float = 1.0, loop: bool = False, clock: 
 
         player = _Player(node, reader, plan, rate=rate, clock=clock, reliability=qos_reliability,
                          should_stop=should_stop, wait=event.wait, report=report)
+        deadline = time.monotonic() + wait_for_subscribers
+        while (time.monotonic() < deadline and not should_stop()
+               and any(pub.get_subscription_count() == 0 for pub in player.publishers.values())):
+            event.wait(0.05)
         event.wait(start_delay)
         began = time.monotonic()
         while not should_stop():
@@ -319,6 +325,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--qos-reliability", choices=RELIABILITIES, default="reliable")
     p.add_argument("--start-delay", type=float, default=0.5,
                    help="seconds to wait for subscribers to match before playing (default 0.5)")
+    p.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS until every played topic has a subscriber (default 0)")
     p.add_argument("--remap", nargs="+", metavar="FROM:=TO", help="publish bag topic FROM as TO")
     p.set_defaults(func=run_play)
 
@@ -341,7 +349,8 @@ def run_play(args: argparse.Namespace) -> int:
         return 130
     try:
         report = play_bag(args.bag, rate=args.rate, loop=args.loop, clock=args.clock, topics=args.topics,
-                          qos_reliability=args.qos_reliability, start_delay=args.start_delay, remap=remap)
+                          qos_reliability=args.qos_reliability, start_delay=args.start_delay, remap=remap,
+                          wait_for_subscribers=args.wait_for_subscribers)
     except (BagError, ValueError) as exc:
         print(f"dgss-perception play: error: {exc}", file=sys.stderr)
         return 2

@@ -234,3 +234,23 @@ def test_ctrl_c_stops_cleanly(tmp_path: Path, ros_domain_id: int) -> None:
             proc.wait()
     assert proc.returncode == 0, out
     assert "(interrupted)" in out and "Traceback" not in out, out
+
+
+def test_wait_for_subscribers_holds_playback_until_someone_listens(tmp_path: Path, ros_domain_id: int) -> None:
+    bag = tmp_path / "bag"
+    _write_bag(bag, "mcap")
+    want = _bag_messages(bag)
+    result: dict[str, Any] = {}
+    player = threading.Thread(target=lambda: result.update(
+        report=play_bag(bag, start_delay=0.0, wait_for_subscribers=30.0)))
+    player.start()
+    time.sleep(1.5)  # the player is up and waiting; nobody listens yet
+    assert player.is_alive()
+    lst = Listener(TOPICS)
+    try:
+        wait_for(lambda: lst.count() >= sum(len(v) for v in want.values()), 30.0, "all played messages")
+        player.join(timeout=10)
+        with lst.lock:
+            assert lst.raw == want
+    finally:
+        lst.close()
