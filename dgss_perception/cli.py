@@ -39,9 +39,7 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .card import CARD_FILE
-
-    from .card import load_card
+    from .card import CARD_FILE, load_card
 
     load_card(args.model)  # validates
     print(json.dumps(json.loads((Path(args.model) / CARD_FILE).read_text()), indent=2))

@@ -180,9 +180,18 @@ class _Player:
             self.report.per_topic[out] = self.report.per_topic.get(out, 0) + 1
         return True, published
 
-    def destroy(self) -> None:
+    def destroy(self, flush_timeout: float = 2.0) -> None:
+        """Destroy the publishers, first letting reliable subscribers acknowledge what is in flight.
+
+        Without the wait, the last messages of a bag are lost when the publisher goes away
+        before the DDS layer delivered them.
+        """
+        from rclpy.duration import Duration
+
         for pub in [*self.publishers.values(), self.clock_pub]:
             if pub is not None:
+                with suppress(Exception):
+                    pub.wait_for_all_acked(Duration(seconds=flush_timeout))
                 with suppress(Exception):
                     self.node.destroy_publisher(pub)
 

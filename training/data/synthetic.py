@@ -812,7 +812,8 @@ def _tree(p: _Painter, rng, x: float, z: float) -> None:
         return
     tw = rng.uniform(0.16, 0.32)
     bark = p.tone(_pick(rng, ((92, 74, 58), (80, 70, 62), (110, 96, 80))), z)
-    p.fill([p.local(ox, oy, q, [(-tw, 0.0), (tw, 0.0), (tw * 0.6, trunk_h + crown * 0.6), (-tw * 0.6, trunk_h + crown * 0.6)])],
+    trunk = [(-tw, 0.0), (tw, 0.0), (tw * 0.6, trunk_h + crown * 0.6), (-tw * 0.6, trunk_h + crown * 0.6)]
+    p.fill([p.local(ox, oy, q, trunk)],
            bark, VEGETATION)
     base = np.array(_pick(rng, _GREENS), np.float64)
     cu, cv = 0.0, trunk_h + crown * 0.85
@@ -1232,7 +1233,8 @@ def _night(rgb: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.
     out = cv2.GaussianBlur(out, (0, 0), 0.7 * max(s, 0.5))
     # sensor noise: signal-dependent shot noise + read noise (partly chromatic)
     shot = rng.standard_normal((h, w, 1), dtype=np.float32) * np.sqrt(np.maximum(out, 0.0)) * 0.035
-    read = rng.standard_normal((h, w, 3), dtype=np.float32) * 0.012 + rng.standard_normal((h, w, 1), dtype=np.float32) * 0.012
+    read = (rng.standard_normal((h, w, 3), dtype=np.float32) * 0.012
+            + rng.standard_normal((h, w, 1), dtype=np.float32) * 0.012)
     out = out + shot + read
     return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
