@@ -38,6 +38,7 @@ from tqdm import tqdm
 import yaml
 
 from .codec import FrameError, compressed_to_rgb, encode_image_fields, encode_jpeg, image_to_rgb
+from .engine import BACKENDS, DEVICES
 
 if TYPE_CHECKING:
     from rosbags.typesys.store import Typestore
@@ -405,8 +406,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("input", type=Path, help="input bag directory (read-only)")
     p.add_argument("output", type=Path, help="output bag directory (must not exist unless --overwrite)")
     p.add_argument("--model", type=Path, required=True, help="model package directory (holds card.json)")
-    p.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--topics", nargs="+", metavar="TOPIC", help="image topics to segment (default: all)")
     p.add_argument("--storage", choices=STORAGES, help="output storage (default: same as the input)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output bag")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .engine import BACKENDS, DEVICES
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--model", required=True, help="model package directory")
     p.add_argument("--out", default="segment_output")
-    p.add_argument("--backend", default="auto", choices=("auto", "onnx", "torchscript"))
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--alpha", type=float, default=0.5, help="overlay weight of the colour mask")
     p.set_defaults(func=_segment)
 
