@@ -164,3 +164,23 @@ def test_bad_model_exits_with_clear_error(tmp_path, ros_domain_id):
     proc.wait(timeout=60)
     assert proc.returncode == 2
     assert "model package not found" in (tmp_path / "log.txt").read_text()
+
+
+def test_burst_latest_frame_wins_and_every_frame_is_accounted_for(raw_node):
+    wait_for(lambda: raw_node.diag.messages, 20, "diagnostics")
+    frames = [make_image(8000 + i, 1280, 720, "rgb8") for i in range(20)]
+    for msg in frames:  # back to back, faster than the worker segments them
+        raw_node.pub.publish(msg)
+    last = frames[-1].header.stamp.sec
+    wait_for(lambda: raw_node.labels.find(lambda m: m.header.stamp.sec == last) is not None, 30,
+             "labels of the newest frame")
+
+    def balanced() -> bool:
+        status = {kv.key: int(kv.value) for kv in raw_node.diag.messages[-1].status[0].values
+                  if kv.key.startswith("frames_")}
+        return status["frames_received"] == (status["frames_processed"] + status["frames_dropped"]
+                                             + status["frames_malformed"] + status["frames_errors"])
+    wait_for(balanced, 10, "received = processed + dropped + malformed + errors")
+    burst = [m for m in raw_node.labels.messages if 8000 <= m.header.stamp.sec < 8020]
+    stamps = [m.header.stamp.sec for m in burst]
+    assert stamps == sorted(stamps)  # newest-first never reorders
