@@ -33,6 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "segment_node = dgss_perception.node:main",
+            "segment_lifecycle_node = dgss_perception.node:lifecycle_main",
             "dgss-perception = dgss_perception.cli:main",
         ],
     },

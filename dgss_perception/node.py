@@ -1,53 +1,74 @@
-"""ROS 2 node: camera images in, label images out.
+"""ROS 2 nodes: camera images in, label images out.
 
-Topics (relative, remappable):
-    in   image (sensor_msgs/Image) or image/compressed (sensor_msgs/CompressedImage)
-    out  labels             mono8 trainIds, header copied from the input
-         labels/color       rgb8 palette colours   (only while subscribed)
-         labels/overlay     rgb8 blend over input  (only while subscribed)
-         labels/confidence  mono8 max softmax ×255 (only while subscribed)
-         /diagnostics       rate, latency, drops, errors
+``segment_node`` starts working at once; ``segment_lifecycle_node`` is the managed
+variant (configure loads and warms up the model, activate subscribes, deactivate
+stops work, cleanup releases the model).
 
-The subscription callback only stores the newest message; a worker thread
-decodes, segments, encodes and publishes it. A frame replaced before the
-worker took it is dropped and counted ("latest frame wins").
+Topics per camera (relative, remappable; ``<cam>/`` is empty for a single camera):
+    in   <cam>/image (sensor_msgs/Image) or <cam>/image/compressed (sensor_msgs/CompressedImage)
+         <cam>/camera_info            optional (parameter camera_info)
+    out  <cam>/labels                 mono8 trainIds, header copied from the input
+         <cam>/labels/color           rgb8 palette colours   (only while subscribed)
+         <cam>/labels/overlay         rgb8 blend over input  (only while subscribed)
+         <cam>/labels/confidence      mono8 max softmax ×255 (only while subscribed)
+         <cam>/labels/camera_info     camera_info matching the label image
+         label_info                   vision_msgs/LabelInfo, transient local (where vision_msgs exists)
+         /diagnostics                 rate, latency, drops, errors
+
+Subscription callbacks only store the newest message per camera; a worker thread
+decodes, segments, encodes and publishes. A frame replaced before the worker took
+it is dropped and counted ("latest frame wins"). With ``lazy`` (default), a camera's
+input is unsubscribed while nothing subscribes to any of its outputs.
 """
 
 from __future__ import annotations
 
 import array
+import json
 import statistics
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from .backends import BackendError
-from .card import CardError
+from .card import CardError, ModelCard
 from .codec import FrameError, compressed_to_rgb, encode_image_fields, image_to_rgb
 from .engine import BACKENDS, DEVICES, OUTPUT_RESOLUTIONS, Segmenter
 from .labels import colorize, confidence_to_mono8, overlay, palette_lut
 
+try:  # vision_msgs is part of a ROS 2 install, not of the pip wheels.
+    from vision_msgs.msg import LabelInfo, VisionClass
+except ImportError:  # pragma: no cover - depends on the environment
+    LabelInfo = VisionClass = None
+
 TRANSPORTS = ("raw", "compressed")
 RELIABILITY = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}
 INFERENCE_MODES = ("", "whole", "coarse", "coarse_to_fine")
+OUTPUTS = ("labels", "labels/color", "labels/overlay", "labels/confidence", "labels/camera_info")
 
-# name → (default, description); declared up front, validated in _read_parameters.
+# name → (default, description); declared up front, validated in read_parameters.
 PARAMETERS: dict[str, tuple[Any, str]] = {
     "model": ("", "model package directory (holds card.json)"),
     "backend": ("auto", "auto | onnx | torchscript"),
     "device": ("auto", "auto | cpu | cuda"),
+    "cameras": ([""], "camera namespaces served by this node; [''] = the node's own namespace"),
     "image_transport": ("raw", "raw (subscribe 'image') | compressed (subscribe 'image/compressed')"),
+    "camera_info": (False, "subscribe '<cam>/camera_info' and republish it as '<cam>/labels/camera_info'"),
+    "lazy": (True, "no decoding or inference while nothing subscribes to a camera's outputs"),
     "qos_reliability": ("best_effort", "input QoS reliability: best_effort | reliable"),
     "qos_depth": (5, "input QoS history depth"),
     "output_qos_reliability": ("reliable", "output QoS reliability: reliable | best_effort"),
@@ -61,14 +82,87 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
 }
 
 
-class SegmentNode(Node):
-    """Semantic segmentation of one camera stream with an exported model package."""
+def read_parameters(node: Node) -> dict[str, Any]:
+    """Current parameter values, validated; raises ValueError naming the bad one."""
+    p = {name: node.get_parameter(name).value for name in PARAMETERS}
+    cams = list(p["cameras"] or [])
+    checks = [
+        (bool(p["model"]), "parameter 'model' must name a model package directory"),
+        (p["backend"] in BACKENDS, f"backend must be one of {BACKENDS}, got {p['backend']!r}"),
+        (p["device"] in DEVICES, f"device must be one of {DEVICES}, got {p['device']!r}"),
+        (bool(cams) and len(set(cams)) == len(cams), f"cameras must be distinct namespaces, got {cams}"),
+        (p["image_transport"] in TRANSPORTS,
+         f"image_transport must be raw or compressed, got {p['image_transport']!r}"),
+        (p["qos_reliability"] in RELIABILITY,
+         f"qos_reliability must be reliable or best_effort, got {p['qos_reliability']!r}"),
+        (p["output_qos_reliability"] in RELIABILITY, "output_qos_reliability must be reliable or best_effort"),
+        (isinstance(p["qos_depth"], int) and p["qos_depth"] >= 1, f"qos_depth must be ≥ 1, got {p['qos_depth']!r}"),
+        (p["output_resolution"] in OUTPUT_RESOLUTIONS,
+         f"output_resolution must be input or network, got {p['output_resolution']!r}"),
+        (0.0 <= float(p["overlay_alpha"]) <= 1.0, f"overlay_alpha must lie in [0, 1], got {p['overlay_alpha']}"),
+        (p["inference_mode"] in INFERENCE_MODES,
+         f"inference_mode must be one of {INFERENCE_MODES[1:]}, got {p['inference_mode']!r}"),
+        (0.0 < float(p["confidence_threshold"]) < 1.0, "confidence_threshold must lie in (0, 1)"),
+        (0.0 <= float(p["refine_fraction"]) <= 1.0, "refine_fraction must lie in [0, 1]"),
+        (float(p["diagnostics_period"]) > 0, "diagnostics_period must be positive"),
+        (isinstance(p["threads"], int) and p["threads"] >= 0, "threads must be ≥ 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    p["cameras"] = [c.strip("/") for c in cams]
+    p["overlay_alpha"] = float(p["overlay_alpha"])
+    return p
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__("segment_node", **kwargs)
+
+def class_table(card: ModelCard) -> str:
+    """The class table as JSON: [{"id", "name", "color"}], 255 = ignore."""
+    rows = zip(card.classes, card.palette)
+    return json.dumps([{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(rows)])
+
+
+@dataclass
+class Camera:
+    """One camera's topics and its latest-frame slot."""
+
+    prefix: str  # "" or "front/"
+    publishers: dict[str, Any]
+    subscription: Any = None
+    info_subscription: Any = None
+    camera_info: CameraInfo | None = None
+    pending: tuple[Any, float] | None = None
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("received", "processed", "dropped", "malformed", "errors", "idle"), 0))
+
+    def wanted(self) -> bool:
+        return any(pub.get_subscription_count() > 0 for pub in self.publishers.values())
+
+
+class SegmentationMixin:
+    """Model, topics, worker and diagnostics shared by the plain and the managed node."""
+
+    def declare_segmentation_parameters(self) -> None:
         for name, (default, description) in PARAMETERS.items():
             self.declare_parameter(name, default, ParameterDescriptor(description=description))
-        p = self._read_parameters()
+        self.segmenter: Segmenter | None = None
+        self._internal_set = False
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Parameters apply at configure: refuse changes while a model is loaded, with the reason."""
+        if self._internal_set or self.segmenter is None:
+            return SetParametersResult(successful=True)
+        fixed = [p.name for p in params if p.name in PARAMETERS or p.name == "class_table"]
+        if fixed:
+            return SetParametersResult(successful=False, reason=(
+                f"{', '.join(fixed)} take effect when the model loads: restart the node "
+                "(or, for the managed node, deactivate, clean up, set and configure again)"))
+        return SetParametersResult(successful=True)
+
+    # -- configure / cleanup ------------------------------------------------------------------
+    def load_model(self) -> None:
+        """Read parameters, load and warm up the model, create publishers and the worker."""
+        p = self.params = read_parameters(self)
         self.segmenter = Segmenter(p["model"], backend=p["backend"], device=p["device"],
                                    output_resolution=p["output_resolution"], threads=p["threads"])
         card = self.segmenter.card
@@ -76,132 +170,201 @@ class SegmentNode(Node):
         if mode != card.inference_mode and mode not in card.graphs:
             raise ValueError(f"inference_mode '{mode}' is not offered by model {card.name} "
                              f"(it offers: {', '.join(card.graphs)})")
-        self.overlay_alpha = p["overlay_alpha"]
         self.lut = palette_lut(card.palette)
         # Warm-up outside the stream: the first real frame must not pay for lazy initialisation.
         self.segmenter.segment(np.zeros((*self.segmenter.network_size, 3), np.uint8))
+        table = Parameter("class_table", value=class_table(card))
+        self._internal_set = True
+        try:
+            if self.has_parameter("class_table"):
+                self.set_parameters([table])
+            else:
+                self.declare_parameter("class_table", table.value, ParameterDescriptor(
+                    description="classes of the loaded model as JSON [{id, name, color}]; 255 = ignore"))
+        finally:
+            self._internal_set = False
 
         out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=p["qos_depth"],
                              reliability=RELIABILITY[p["output_qos_reliability"]])
-        self.pub_labels = self.create_publisher(Image, "labels", out_qos)
-        self.pub_color = self.create_publisher(Image, "labels/color", out_qos)
-        self.pub_overlay = self.create_publisher(Image, "labels/overlay", out_qos)
-        self.pub_confidence = self.create_publisher(Image, "labels/confidence", out_qos)
-        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.cameras: list[Camera] = []
+        for name in p["cameras"]:
+            prefix = f"{name}/" if name else ""
+            pubs = {o: self.create_publisher(CameraInfo if o.endswith("camera_info") else Image, prefix + o, out_qos)
+                    for o in OUTPUTS}
+            self.cameras.append(Camera(prefix, pubs))
+        self.label_info_pub = None
+        if LabelInfo is not None:
+            latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                                 reliability=ReliabilityPolicy.RELIABLE)
+            self.label_info_pub = self.create_publisher(LabelInfo, "label_info", latched)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
         self._cv = threading.Condition()
-        self._pending: tuple[Any, float] | None = None
         self._stopping = False
-        self.counters = {"received": 0, "processed": 0, "dropped": 0, "malformed": 0, "errors": 0}
+        self._active = False
         self._latencies: deque[float] = deque(maxlen=300)
         self._inference: deque[float] = deque(maxlen=300)
         self._done_times: deque[float] = deque(maxlen=300)
         self._last_problem = ""
         self._worker = threading.Thread(target=self._work, name="segment_worker", daemon=True)
         self._worker.start()
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
+        # Wall-clock timers: diagnostics and lazy subscription keep working when /clock pauses.
+        self._timers = [self.create_timer(p["diagnostics_period"], self._publish_diagnostics, clock=steady),
+                        self.create_timer(0.2, self._update_subscriptions, clock=steady)]
 
-        in_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=p["qos_depth"],
-                            reliability=RELIABILITY[p["qos_reliability"]])
-        if p["image_transport"] == "compressed":
-            self.sub = self.create_subscription(CompressedImage, "image/compressed", self._on_frame, in_qos)
-        else:
-            self.sub = self.create_subscription(Image, "image", self._on_frame, in_qos)
-        # Wall-clock period: diagnostics keep flowing when /clock pauses during bag replay.
-        self.create_timer(p["diagnostics_period"], self._publish_diagnostics,
-                          clock=Clock(clock_type=ClockType.STEADY_TIME))
+    def release_model(self) -> None:
+        """Stop the worker and destroy what load_model created."""
+        self.stop_work()
+        self._stop_worker()
+        for t in self._timers:
+            self.destroy_timer(t)
+        for cam in self.cameras:
+            for pub in cam.publishers.values():
+                self.destroy_publisher(pub)
+        for pub in (self.label_info_pub, self.diag_pub):
+            if pub is not None:
+                self.destroy_publisher(pub)
+        self.cameras = []
+        self.segmenter = None
+
+    # -- activate / deactivate ----------------------------------------------------------------
+    def start_work(self) -> None:
+        self._active = True
+        self._publish_label_info()
+        self._update_subscriptions()
+        card = self.segmenter.card
         self.get_logger().info(
-            f"segmenting {self.sub.topic_name} with {card.name} ({card.family}, {self.segmenter.backend.name} "
-            f"on {self.segmenter.backend.device}, network {card.input_width}x{card.input_height}) → "
-            f"{self.pub_labels.topic_name}")
+            f"segmenting {', '.join(self._input_topic(c) for c in self.cameras)} with {card.name} ({card.family}, "
+            f"{self.segmenter.backend.name} on {self.segmenter.backend.device}, network {card.input_width}x"
+            f"{card.input_height}) → {', '.join(c.publishers['labels'].topic_name for c in self.cameras)}")
 
-    def _read_parameters(self) -> dict[str, Any]:
-        p = {name: self.get_parameter(name).value for name in PARAMETERS}
-        checks = [
-            (bool(p["model"]), "parameter 'model' must name a model package directory"),
-            (p["backend"] in BACKENDS, f"backend must be one of {BACKENDS}, got {p['backend']!r}"),
-            (p["device"] in DEVICES, f"device must be one of {DEVICES}, got {p['device']!r}"),
-            (p["image_transport"] in TRANSPORTS,
-             f"image_transport must be raw or compressed, got {p['image_transport']!r}"),
-            (p["qos_reliability"] in RELIABILITY,
-             f"qos_reliability must be reliable or best_effort, got {p['qos_reliability']!r}"),
-            (p["output_qos_reliability"] in RELIABILITY, "output_qos_reliability must be reliable or best_effort"),
-            (isinstance(p["qos_depth"], int) and p["qos_depth"] >= 1, f"qos_depth must be ≥ 1, got {p['qos_depth']!r}"),
-            (p["output_resolution"] in OUTPUT_RESOLUTIONS,
-             f"output_resolution must be input or network, got {p['output_resolution']!r}"),
-            (0.0 <= float(p["overlay_alpha"]) <= 1.0, f"overlay_alpha must lie in [0, 1], got {p['overlay_alpha']}"),
-            (p["inference_mode"] in INFERENCE_MODES,
-             f"inference_mode must be one of {INFERENCE_MODES[1:]}, got {p['inference_mode']!r}"),
-            (0.0 < float(p["confidence_threshold"]) < 1.0, "confidence_threshold must lie in (0, 1)"),
-            (0.0 <= float(p["refine_fraction"]) <= 1.0, "refine_fraction must lie in [0, 1]"),
-            (float(p["diagnostics_period"]) > 0, "diagnostics_period must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        p["overlay_alpha"] = float(p["overlay_alpha"])
-        return p
-
-    # -- subscription side: cheap, never blocks on inference -------------------------------------
-    def _on_frame(self, msg: Any) -> None:
+    def stop_work(self) -> None:
+        self._active = False
+        for cam in self.cameras:
+            self._unsubscribe(cam)
         with self._cv:
-            self.counters["received"] += 1
-            if self._pending is not None:
-                self.counters["dropped"] += 1
-            self._pending = (msg, time.monotonic())
+            for cam in self.cameras:
+                cam.pending = None
+
+    def _input_topic(self, cam: Camera) -> str:
+        suffix = "image/compressed" if self.params["image_transport"] == "compressed" else "image"
+        return self.resolve_topic_name(cam.prefix + suffix)
+
+    def _update_subscriptions(self) -> None:
+        """Subscribe each camera's input while it is wanted (always, unless lazy)."""
+        for cam in self.cameras:
+            want = self._active and (not self.params["lazy"] or cam.wanted())
+            if want and cam.subscription is None:
+                self._subscribe(cam)
+            elif not want and cam.subscription is not None:
+                self._unsubscribe(cam)
+
+    def _subscribe(self, cam: Camera) -> None:
+        p = self.params
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=p["qos_depth"],
+                         reliability=RELIABILITY[p["qos_reliability"]])
+        msg_type = CompressedImage if p["image_transport"] == "compressed" else Image
+        suffix = "image/compressed" if msg_type is CompressedImage else "image"
+        cam.subscription = self.create_subscription(msg_type, cam.prefix + suffix,
+                                                    lambda m, c=cam: self._on_frame(c, m), qos)
+        if p["camera_info"]:
+            cam.info_subscription = self.create_subscription(
+                CameraInfo, cam.prefix + "camera_info", lambda m, c=cam: setattr(c, "camera_info", m), qos)
+
+    def _unsubscribe(self, cam: Camera) -> None:
+        for attr in ("subscription", "info_subscription"):
+            sub = getattr(cam, attr)
+            if sub is not None:
+                self.destroy_subscription(sub)
+                setattr(cam, attr, None)
+
+    def _publish_label_info(self) -> None:
+        if self.label_info_pub is None:
+            return
+        card = self.segmenter.card
+        msg = LabelInfo(class_map=[VisionClass(class_id=i, class_name=n) for i, n in enumerate(card.classes)],
+                        threshold=0.0)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.label_info_pub.publish(msg)
+
+    # -- subscription side: cheap, never blocks on inference -----------------------------------
+    def _on_frame(self, cam: Camera, msg: Any) -> None:
+        with self._cv:
+            cam.counters["received"] += 1
+            if cam.pending is not None:
+                cam.counters["dropped"] += 1
+            cam.pending = (msg, time.monotonic())
             self._cv.notify()
 
-    # -- worker: decode → engine → encode → publish ----------------------------------------------
+    # -- worker: decode → engine → encode → publish --------------------------------------------
     def _work(self) -> None:
         while True:
             with self._cv:
-                while self._pending is None and not self._stopping:
+                while not self._stopping and not any(c.pending for c in self.cameras):
                     self._cv.wait()
                 if self._stopping:
                     return
-                msg, received = self._pending
-                self._pending = None
-            self._process(msg, received)
+                # The frame waiting longest first, so no camera starves another.
+                cam = min((c for c in self.cameras if c.pending), key=lambda c: c.pending[1])
+                (msg, received), cam.pending = cam.pending, None
+            self._process(cam, msg, received)
 
-    def _process(self, msg: Any, received: float) -> None:
+    def _process(self, cam: Camera, msg: Any, received: float) -> None:
+        pubs = cam.publishers
+        if not cam.wanted():  # only reachable with lazy off, or between a subscriber leaving and the next check
+            self._count(cam, "idle")
+            return
         try:
             rgb = compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else image_to_rgb(msg)
         except FrameError as exc:
-            self._problem("malformed", f"skipped a malformed frame: {exc}")
+            self._problem(cam, "malformed", f"skipped a malformed frame on {self._input_topic(cam)}: {exc}")
             return
         try:
             result = self.segmenter.segment(rgb)
-            self.pub_labels.publish(image_message(msg.header, result.labels, "mono8"))
-            color = None
-            if self.pub_color.get_subscription_count() or self.pub_overlay.get_subscription_count():
-                color = colorize(result.labels, self.lut)
-            if self.pub_color.get_subscription_count():
-                self.pub_color.publish(image_message(msg.header, color, "rgb8"))
-            if self.pub_overlay.get_subscription_count():
-                base = rgb if color.shape == rgb.shape else _resize_like(rgb, color)
-                self.pub_overlay.publish(image_message(msg.header, overlay(base, color, self.overlay_alpha), "rgb8"))
-            if self.pub_confidence.get_subscription_count():
-                self.pub_confidence.publish(image_message(msg.header, confidence_to_mono8(result.confidence), "mono8"))
+            labels = result.labels
+            if pubs["labels"].get_subscription_count():
+                pubs["labels"].publish(image_message(msg.header, labels, "mono8"))
+            if pubs["labels/color"].get_subscription_count() or pubs["labels/overlay"].get_subscription_count():
+                color = colorize(labels, self.lut)
+                if pubs["labels/color"].get_subscription_count():
+                    pubs["labels/color"].publish(image_message(msg.header, color, "rgb8"))
+                if pubs["labels/overlay"].get_subscription_count():
+                    base = rgb if color.shape == rgb.shape else _resize_like(rgb, color)
+                    pubs["labels/overlay"].publish(
+                        image_message(msg.header, overlay(base, color, self.params["overlay_alpha"]), "rgb8"))
+            if pubs["labels/confidence"].get_subscription_count():
+                pubs["labels/confidence"].publish(
+                    image_message(msg.header, confidence_to_mono8(result.confidence), "mono8"))
+            info = cam.camera_info
+            if info is not None and pubs["labels/camera_info"].get_subscription_count():
+                pubs["labels/camera_info"].publish(scaled_camera_info(info, msg.header, *labels.shape))
         except Exception as exc:  # the node outlives any single bad frame
-            self._problem("errors", f"segmentation failed: {type(exc).__name__}: {exc}")
+            self._problem(cam, "errors", f"segmentation failed: {type(exc).__name__}: {exc}")
             return
         now = time.monotonic()
         with self._cv:
-            self.counters["processed"] += 1
+            cam.counters["processed"] += 1
             self._latencies.append((now - received) * 1e3)
             self._inference.append(result.timings_ms["inference"])
             self._done_times.append(now)
 
-    def _problem(self, counter: str, message: str) -> None:
+    def _count(self, cam: Camera, counter: str) -> None:
         with self._cv:
-            self.counters[counter] += 1
+            cam.counters[counter] += 1
+
+    def _problem(self, cam: Camera, counter: str, message: str) -> None:
+        with self._cv:
+            cam.counters[counter] += 1
             self._last_problem = message
         self.get_logger().warning(message, throttle_duration_sec=5.0)
 
     def _publish_diagnostics(self) -> None:
         with self._cv:
-            counters = dict(self.counters)
+            per_camera = {c.prefix.rstrip("/"): dict(c.counters) for c in self.cameras}
             latencies, inference, done = list(self._latencies), list(self._inference), list(self._done_times)
             problem = self._last_problem
+        counters = {k: sum(c[k] for c in per_camera.values()) for k in next(iter(per_camera.values()))}
         now = time.monotonic()
         recent = [t for t in done if now - t <= 5.0]
         rate = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
@@ -209,9 +372,11 @@ class SegmentNode(Node):
                                   hardware_id=self.segmenter.card.name)
         bad = counters["malformed"] + counters["errors"]
         status.level = DiagnosticStatus.WARN if bad else DiagnosticStatus.OK
-        status.message = f"{counters['processed']} frames, {bad} bad, {counters['dropped']} dropped" + (
-            f"; last problem: {problem}" if problem else "")
+        status.message = (f"{'active' if self._active else 'inactive'}: {counters['processed']} frames, {bad} bad, "
+                          f"{counters['dropped']} dropped" + (f"; last problem: {problem}" if problem else ""))
         values = {f"frames_{k}": str(v) for k, v in counters.items()}
+        if len(per_camera) > 1:
+            values.update({f"{cam}/frames_{k}": str(v) for cam, c in per_camera.items() for k, v in c.items()})
         values.update(
             rate_hz=f"{rate:.2f}",
             latency_median_ms=f"{statistics.median(latencies):.2f}" if latencies else "nan",
@@ -222,17 +387,72 @@ class SegmentNode(Node):
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()
-        self.pub_diag.publish(msg)
+        self.diag_pub.publish(msg)
 
-    def stop(self) -> None:
+    def _stop_worker(self) -> None:
         """Stop the worker (waits for the frame in progress)."""
+        worker = getattr(self, "_worker", None)
+        if worker is None:
+            return
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._worker.join(timeout=5.0)
+        worker.join(timeout=5.0)
+        self._worker = None
+
+
+class SegmentNode(SegmentationMixin, Node):
+    """Semantic segmentation of one or more camera streams, working from the start."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("segment_node", **kwargs)
+        self.declare_segmentation_parameters()
+        self.load_model()
+        self.start_work()
 
     def destroy_node(self) -> None:
-        self.stop()
+        self._stop_worker()
+        super().destroy_node()
+
+
+class LifecycleSegmentNode(SegmentationMixin, LifecycleNode):
+    """The managed variant: configure loads, activate subscribes, deactivate stops, cleanup releases."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("segment_node", **kwargs)
+        self.declare_segmentation_parameters()
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self.load_model()
+        except (CardError, BackendError, ValueError, FileNotFoundError) as exc:
+            self.segmenter = None
+            self.get_logger().error(f"configure failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self.get_logger().info(f"configured with {self.segmenter.card.name}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.start_work()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.stop_work()
+        self.get_logger().info("deactivated: input unsubscribed")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.release_model()
+        self.get_logger().info("cleaned up: model released")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.segmenter is not None:
+            self.release_model()
+        return TransitionCallbackReturn.SUCCESS
+
+    def destroy_node(self) -> None:
+        self._stop_worker()
         super().destroy_node()
 
 
@@ -244,19 +464,32 @@ def image_message(header: Any, pixels: np.ndarray, encoding: str) -> Image:
     return Image(header=header, data=data, **fields)
 
 
+def scaled_camera_info(info: CameraInfo, header: Any, height: int, width: int) -> CameraInfo:
+    """``info`` with the image's header, its intrinsics scaled to a label image of height×width."""
+    out = CameraInfo(header=header, distortion_model=info.distortion_model, d=info.d, r=info.r,
+                     binning_x=info.binning_x, binning_y=info.binning_y, roi=info.roi)
+    sx = width / info.width if info.width else 1.0
+    sy = height / info.height if info.height else 1.0
+    k = np.array(info.k, dtype=np.float64).reshape(3, 3)
+    p = np.array(info.p, dtype=np.float64).reshape(3, 4)
+    scale = np.diag([sx, sy, 1.0])
+    out.k, out.p = (scale @ k).reshape(-1).tolist(), (scale @ p).reshape(-1).tolist()
+    out.width, out.height = width, height
+    return out
+
+
 def _resize_like(rgb: np.ndarray, like: np.ndarray) -> np.ndarray:
     import cv2
 
     return cv2.resize(rgb, (like.shape[1], like.shape[0]), interpolation=cv2.INTER_AREA)
 
 
-def main(args: list[str] | None = None) -> int:
-    """``ros2 run dgss_perception segment_node --ros-args -p model:=<package>``."""
+def _run(node_class: type, args: list[str] | None) -> int:
     rclpy.init(args=args)
     node = None
     code = 0
     try:
-        node = SegmentNode()
+        node = node_class()
         rclpy.spin(node)
     except (CardError, BackendError, ValueError, FileNotFoundError) as exc:
         rclpy.logging.get_logger("segment_node").fatal(f"cannot start: {exc}")
@@ -269,6 +502,16 @@ def main(args: list[str] | None = None) -> int:
         if rclpy.ok():
             rclpy.shutdown()
     return code
+
+
+def main(args: list[str] | None = None) -> int:
+    """``ros2 run dgss_perception segment_node --ros-args -p model:=<package>``."""
+    return _run(SegmentNode, args)
+
+
+def lifecycle_main(args: list[str] | None = None) -> int:
+    """``ros2 run dgss_perception segment_lifecycle_node --ros-args -p model:=<package>``."""
+    return _run(LifecycleSegmentNode, args)
 
 
 if __name__ == "__main__":
