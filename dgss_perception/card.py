@@ -169,9 +169,10 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
         )
         if spec.onnx is None and spec.torchscript is None:
             raise CardError(f"{wg}: names neither an onnx nor a torchscript file")
-        expected_in = (1, height, width, 3)
-        if spec.inputs[0].shape != expected_in or spec.inputs[0].dtype != "uint8":
-            raise CardError(f"{wg}: input must be uint8 {list(expected_in)}, card says "
+        batch = spec.inputs[0].shape[0] if spec.inputs[0].shape else 0
+        expected_in = (batch, height, width, 3)
+        if batch < 1 or spec.inputs[0].shape != expected_in or spec.inputs[0].dtype != "uint8":
+            raise CardError(f"{wg}: input must be uint8 [N≥1, {height}, {width}, 3], card says "
                             f"{spec.inputs[0].dtype} {list(spec.inputs[0].shape)}")
         want = 2 if kind == "labels_confidence" else 1
         if len(spec.outputs) != want:

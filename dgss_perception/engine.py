@@ -97,8 +97,13 @@ class Segmenter:
         """(height, width) of the graph input."""
         return self.card.input_height, self.card.input_width
 
+    @property
+    def batch_size(self) -> int:
+        """Frames one inference takes (the graph's fixed batch; 1 for most packages)."""
+        return self.graph.inputs[0].shape[0]
+
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        """rgb uint8 H×W×3 → uint8 (1, h, w, 3) at the network size, in the card's channel order."""
+        """rgb uint8 H×W×3 → uint8 (h, w, 3) at the network size, in the card's channel order."""
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected an RGB uint8 H×W×3 frame, got {rgb.dtype} {rgb.shape}")
         h, w = self.network_size
@@ -106,22 +111,35 @@ class Segmenter:
             rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
         if self.card.channel_order == "BGR":
             rgb = rgb[:, :, ::-1]
-        return np.ascontiguousarray(rgb)[None]
+        return rgb
 
     def segment(self, rgb: np.ndarray) -> SegmentResult:
         """Segment one frame: rgb uint8 H×W×3 → labels uint8 at input (or network) resolution."""
+        return self.segment_batch([rgb])[0]
+
+    def segment_batch(self, frames: list[np.ndarray]) -> list[SegmentResult]:
+        """Segment up to ``batch_size`` frames (any sizes) in one inference; timings are the batch's."""
+        if not 1 <= len(frames) <= self.batch_size:
+            raise ValueError(f"this model takes 1 to {self.batch_size} frames at once, got {len(frames)}")
         t0 = time.perf_counter()
-        batch = self.preprocess(rgb)
+        batch = np.zeros((self.batch_size, *self.network_size, 3), np.uint8)  # unused slots stay black
+        for i, rgb in enumerate(frames):
+            batch[i] = self.preprocess(rgb)
         t1 = time.perf_counter()
         outputs = self.backend.run(batch)
         t2 = time.perf_counter()
-        if self.graph.output_kind == "labels_confidence":
-            labels = outputs[0][0].astype(np.uint8, copy=False)
-            confidence = outputs[1][0].astype(np.float32, copy=False)
-        else:
-            labels, confidence = _softmax_max_argmax(outputs[0][0].astype(np.float32, copy=False))
-        if self.output_resolution == "input" and labels.shape != rgb.shape[:2]:
-            labels = cv2.resize(labels, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+        results = []
+        for i, rgb in enumerate(frames):
+            if self.graph.output_kind == "labels_confidence":
+                labels = outputs[0][i].astype(np.uint8, copy=False)
+                confidence = outputs[1][i].astype(np.float32, copy=False)
+            else:
+                labels, confidence = _softmax_max_argmax(outputs[0][i].astype(np.float32, copy=False))
+            if self.output_resolution == "input" and labels.shape != rgb.shape[:2]:
+                labels = cv2.resize(labels, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+            results.append(SegmentResult(labels=labels, timings_ms={}, network_confidence=confidence))
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
-        return SegmentResult(labels=labels, timings_ms=timings, network_confidence=confidence)
+        for r in results:
+            r.timings_ms = dict(timings)
+        return results

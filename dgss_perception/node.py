@@ -205,6 +205,7 @@ class SegmentationMixin:
         self._latencies: deque[float] = deque(maxlen=300)
         self._inference: deque[float] = deque(maxlen=300)
         self._done_times: deque[float] = deque(maxlen=300)
+        self._batches: deque[int] = deque(maxlen=300)
         self._last_problem = ""
         self._worker = threading.Thread(target=self._work, name="segment_worker", daemon=True)
         self._worker.start()
@@ -305,49 +306,70 @@ class SegmentationMixin:
                     self._cv.wait()
                 if self._stopping:
                     return
-                # The frame waiting longest first, so no camera starves another.
-                cam = min((c for c in self.cameras if c.pending), key=lambda c: c.pending[1])
-                (msg, received), cam.pending = cam.pending, None
-            self._process(cam, msg, received)
+                # The frames waiting longest first, so no camera starves another; as many cameras
+                # as the model's batch takes go into one inference.
+                ready = sorted((c for c in self.cameras if c.pending), key=lambda c: c.pending[1])
+                taken = []
+                for cam in ready[: self.segmenter.batch_size]:
+                    taken.append((cam, *cam.pending))
+                    cam.pending = None
+            self._process(taken)
 
-    def _process(self, cam: Camera, msg: Any, received: float) -> None:
-        pubs = cam.publishers
+    def _decode(self, cam: Camera, msg: Any) -> np.ndarray | None:
         if not cam.wanted():  # only reachable with lazy off, or between a subscriber leaving and the next check
             self._count(cam, "idle")
-            return
+            return None
         try:
-            rgb = compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else image_to_rgb(msg)
+            return compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else image_to_rgb(msg)
         except FrameError as exc:
             self._problem(cam, "malformed", f"skipped a malformed frame on {self._input_topic(cam)}: {exc}")
+            return None
+
+    def _process(self, taken: list[tuple[Camera, Any, float]]) -> None:
+        """decode → engine (one batch) → encode → publish, per camera."""
+        frames = [(cam, msg, received, rgb) for cam, msg, received in taken
+                  if (rgb := self._decode(cam, msg)) is not None]
+        if not frames:
             return
         try:
-            result = self.segmenter.segment(rgb)
-            labels = result.labels
-            if pubs["labels"].get_subscription_count():
-                pubs["labels"].publish(image_message(msg.header, labels, "mono8"))
-            if pubs["labels/color"].get_subscription_count() or pubs["labels/overlay"].get_subscription_count():
-                color = colorize(labels, self.lut)
-                if pubs["labels/color"].get_subscription_count():
-                    pubs["labels/color"].publish(image_message(msg.header, color, "rgb8"))
-                if pubs["labels/overlay"].get_subscription_count():
-                    base = rgb if color.shape == rgb.shape else _resize_like(rgb, color)
-                    pubs["labels/overlay"].publish(
-                        image_message(msg.header, overlay(base, color, self.params["overlay_alpha"]), "rgb8"))
-            if pubs["labels/confidence"].get_subscription_count():
-                pubs["labels/confidence"].publish(
-                    image_message(msg.header, confidence_to_mono8(result.confidence), "mono8"))
-            info = cam.camera_info
-            if info is not None and pubs["labels/camera_info"].get_subscription_count():
-                pubs["labels/camera_info"].publish(scaled_camera_info(info, msg.header, *labels.shape))
-        except Exception as exc:  # the node outlives any single bad frame
-            self._problem(cam, "errors", f"segmentation failed: {type(exc).__name__}: {exc}")
+            results = self.segmenter.segment_batch([f[3] for f in frames])
+            with self._cv:
+                self._batches.append(len(frames))
+        except Exception as exc:  # the node outlives any single bad batch
+            for cam, *_ in frames:
+                self._problem(cam, "errors", f"segmentation failed: {type(exc).__name__}: {exc}")
             return
-        now = time.monotonic()
-        with self._cv:
-            cam.counters["processed"] += 1
-            self._latencies.append((now - received) * 1e3)
-            self._inference.append(result.timings_ms["inference"])
-            self._done_times.append(now)
+        for (cam, msg, received, rgb), result in zip(frames, results):
+            try:
+                self._publish(cam, msg.header, rgb, result)
+            except Exception as exc:
+                self._problem(cam, "errors", f"publishing failed: {type(exc).__name__}: {exc}")
+                continue
+            now = time.monotonic()
+            with self._cv:
+                cam.counters["processed"] += 1
+                self._latencies.append((now - received) * 1e3)
+                self._inference.append(result.timings_ms["inference"])
+                self._done_times.append(now)
+
+    def _publish(self, cam: Camera, header: Any, rgb: np.ndarray, result: Any) -> None:
+        pubs = cam.publishers
+        labels = result.labels
+        if pubs["labels"].get_subscription_count():
+            pubs["labels"].publish(image_message(header, labels, "mono8"))
+        if pubs["labels/color"].get_subscription_count() or pubs["labels/overlay"].get_subscription_count():
+            color = colorize(labels, self.lut)
+            if pubs["labels/color"].get_subscription_count():
+                pubs["labels/color"].publish(image_message(header, color, "rgb8"))
+            if pubs["labels/overlay"].get_subscription_count():
+                base = rgb if color.shape == rgb.shape else _resize_like(rgb, color)
+                pubs["labels/overlay"].publish(
+                    image_message(header, overlay(base, color, self.params["overlay_alpha"]), "rgb8"))
+        if pubs["labels/confidence"].get_subscription_count():
+            pubs["labels/confidence"].publish(image_message(header, confidence_to_mono8(result.confidence), "mono8"))
+        info = cam.camera_info
+        if info is not None and pubs["labels/camera_info"].get_subscription_count():
+            pubs["labels/camera_info"].publish(scaled_camera_info(info, header, *labels.shape))
 
     def _count(self, cam: Camera, counter: str) -> None:
         with self._cv:
@@ -363,6 +385,7 @@ class SegmentationMixin:
         with self._cv:
             per_camera = {c.prefix.rstrip("/"): dict(c.counters) for c in self.cameras}
             latencies, inference, done = list(self._latencies), list(self._inference), list(self._done_times)
+            batches = list(self._batches)
             problem = self._last_problem
         counters = {k: sum(c[k] for c in per_camera.values()) for k in next(iter(per_camera.values()))}
         now = time.monotonic()
@@ -382,6 +405,7 @@ class SegmentationMixin:
             latency_median_ms=f"{statistics.median(latencies):.2f}" if latencies else "nan",
             latency_max_ms=f"{max(latencies):.2f}" if latencies else "nan",
             inference_median_ms=f"{statistics.median(inference):.2f}" if inference else "nan",
+            frames_per_inference=f"{statistics.mean(batches):.2f}" if batches else "nan",
             backend=f"{self.segmenter.backend.name}/{self.segmenter.backend.device}",
         )
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]

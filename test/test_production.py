@@ -223,3 +223,63 @@ def test_checksum_mismatch_refused_at_load(tmp_path, tiny_model_dir, ros_domain_
     proc = start_node_process(["-p", f"model:={pkg}"], tmp_path / "node.log")
     proc.wait(timeout=60)
     assert proc.returncode == 2 and "checksum" in (tmp_path / "node.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def batch2_model_dir(tmp_path_factory):
+    """The tiny model exported with a batch of 2 (two cameras per inference)."""
+    from conftest import make_tiny_weights
+    from training.export import export_package
+
+    work = tmp_path_factory.mktemp("batch2")
+    cfg = make_tiny_weights(work / "w.safetensors")
+    export_package(cfg, work / "w.safetensors", work / "pkg", batch=2)
+    return work / "pkg"
+
+
+def test_batched_engine_equals_single_frames(batch2_model_dir, tiny_model_dir):
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (61, 97, 3), dtype=np.uint8), rng.integers(0, 256, (90, 50, 3), dtype=np.uint8)]
+    batched = Segmenter(batch2_model_dir, backend="onnx")
+    single = Segmenter(tiny_model_dir, backend="onnx")
+    assert batched.batch_size == 2 and single.batch_size == 1
+    for both in (frames, frames[:1]):
+        for r, rgb in zip(batched.segment_batch(both), both):
+            ref = single.segment(rgb)
+            assert r.labels.shape == rgb.shape[:2]
+            assert (r.labels != ref.labels).mean() < 1e-3 and np.abs(r.confidence - ref.confidence).max() < 1e-4
+    with pytest.raises(ValueError, match="1 to 2 frames"):
+        batched.segment_batch(frames * 2)
+
+
+def test_two_cameras_batched_in_one_inference(tmp_path, batch2_model_dir, tiny_model_dir, driver):
+    proc = start_node_process(["-p", f"model:={batch2_model_dir}", "-p", "qos_reliability:=reliable",
+                               "-p", "cameras:=[left, right]", "-p", "diagnostics_period:=0.3"],
+                              tmp_path / "node.log")
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    engine = Segmenter(tiny_model_dir, backend="onnx")
+    pubs = {c: driver.node.create_publisher(Image, f"/{c}/image", RELIABLE) for c in ("left", "right")}
+    labels = {c: Collector(driver.node, Image, f"/{c}/labels") for c in ("left", "right")}
+    diag = Collector(driver.node, DiagnosticArray, "/diagnostics")
+    try:
+        wait_for(lambda: all(p.get_subscription_count() for p in pubs.values()), 60, "both camera inputs")
+        for k in range(5):
+            frames = {"left": make_image(50 + k, 97, 61, "rgb8"), "right": make_image(50 + k, 64, 40, "bgr8")}
+            for cam in ("left", "right"):
+                pubs[cam].publish(frames[cam])
+            for cam, msg in frames.items():
+                wait_for(lambda c=cam, s=50 + k: labels[c].find(lambda m: m.header.stamp.sec == s), 20, "labels")
+                out = labels[cam].find(lambda m, s=50 + k: m.header.stamp.sec == s)
+                assert (out.width, out.height) == (msg.width, msg.height)
+                ref = engine.segment(image_to_rgb(msg)).labels
+                assert (labels_array(out) != ref).mean() < 1e-3
+
+        def values() -> dict:
+            return {kv.key: kv.value for kv in diag.messages[-1].status[0].values} if diag.messages else {}
+        wait_for(lambda: values().get("left/frames_processed") == values().get("right/frames_processed") == "5",
+                 10, "diagnostics counting 5 frames per camera")
+        values = values()
+        assert 1.0 <= float(values["frames_per_inference"]) <= 2.0
+    finally:
+        assert stop_process(proc) == 0, (tmp_path / "node.log").read_text()

@@ -104,9 +104,9 @@ def compare(name: str, got: list[np.ndarray], ref: list[np.ndarray], ref_probs: 
 
 
 def run_parity(graph: nn.Module, onnx_path: Path | None, ts_path: Path | None, size: tuple[int, int],
-               output_kind: str, atol: float, seed: int) -> list[dict[str, Any]]:
+               output_kind: str, atol: float, seed: int, batch: int = 1) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, size=(1, *size, 3), dtype=np.uint8)
+    image = rng.integers(0, 256, size=(batch, *size, 3), dtype=np.uint8)
     with torch.no_grad():
         ref = [t.numpy() for t in graph(torch.from_numpy(image))]
         probs_graph = SegmentationGraph(graph.model, graph.mean, graph.std, "logits")
@@ -127,21 +127,29 @@ def run_parity(graph: nn.Module, onnx_path: Path | None, ts_path: Path | None, s
     return results
 
 
-def tensor_specs(size: tuple[int, int], num_classes: int, output_kind: str) -> tuple[list, list]:
+def tensor_specs(size: tuple[int, int], num_classes: int, output_kind: str, batch: int = 1) -> tuple[list, list]:
     h, w = size
-    inputs = [{"name": "image", "dtype": "uint8", "shape": [1, h, w, 3]}]
+    n = batch
+    inputs = [{"name": "image", "dtype": "uint8", "shape": [n, h, w, 3]}]
     if output_kind == "logits":
-        outputs = [{"name": "logits", "dtype": "float32", "shape": [1, num_classes, h, w]}]
+        outputs = [{"name": "logits", "dtype": "float32", "shape": [n, num_classes, h, w]}]
     else:
-        outputs = [{"name": "labels", "dtype": "uint8", "shape": [1, h, w]},
-                   {"name": "confidence", "dtype": "float32", "shape": [1, h, w]}]
+        outputs = [{"name": "labels", "dtype": "uint8", "shape": [n, h, w]},
+                   {"name": "confidence", "dtype": "float32", "shape": [n, h, w]}]
     return inputs, outputs
 
 
 def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int] | None = None,
                    output_kind: str = "labels_confidence", formats: tuple[str, ...] = ("onnx", "torchscript"),
-                   opset: int = 18, atol: float = 1e-4, overwrite: bool = False, name: str | None = None) -> dict:
-    """Write a model package to ``out``; raise ParityError when a graph disagrees with eager PyTorch."""
+                   opset: int = 18, atol: float = 1e-4, overwrite: bool = False, name: str | None = None,
+                   batch: int = 1) -> dict:
+    """Write a model package to ``out``; raise ParityError when a graph disagrees with eager PyTorch.
+
+    ``batch`` fixes the graphs' batch size: a node serving several cameras runs up to that many
+    frames in one inference.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be ≥ 1, got {batch}")
     size = tuple(size or cfg.model.img_size)
     if out.exists():
         if not overwrite:
@@ -150,8 +158,8 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
     out.mkdir(parents=True)
     model = load_export_model(cfg, weights, size)
     graph = SegmentationGraph(model, cfg.model.mean, cfg.model.std, output_kind).eval()
-    inputs, outputs = tensor_specs(size, cfg.model.num_classes, output_kind)
-    example = torch.zeros((1, *size, 3), dtype=torch.uint8)
+    inputs, outputs = tensor_specs(size, cfg.model.num_classes, output_kind, batch)
+    example = torch.zeros((batch, *size, 3), dtype=torch.uint8)
     onnx_name = f"{GRAPH}.onnx" if "onnx" in formats else None
     ts_name = f"{GRAPH}.ts" if "torchscript" in formats else None
     if onnx_name:
@@ -160,7 +168,7 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         export_torchscript(graph, example, out / ts_name)
     seed = int.from_bytes(os.urandom(4), "little")
     parity = run_parity(graph, out / onnx_name if onnx_name else None, out / ts_name if ts_name else None,
-                        size, output_kind, atol, seed)
+                        size, output_kind, atol, seed, batch)
 
     import onnx
     import timm
@@ -207,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, help="export input width (default: training size)")
     parser.add_argument("--output-kind", choices=("labels_confidence", "logits"), default="labels_confidence")
     parser.add_argument("--formats", default="onnx,torchscript", help="comma list of onnx, torchscript")
+    parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the graphs (cameras per inference)")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance")
     parser.add_argument("--name", help="package name (default: the config's name)")
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if not formats or set(formats) - {"onnx", "torchscript"}:
             parser.error(f"--formats must list onnx and/or torchscript, got {args.formats!r}")
         card = export_package(cfg, weights, Path(args.out), size, args.output_kind, formats, args.opset,
-                              args.atol, args.overwrite, args.name)
+                              args.atol, args.overwrite, args.name, args.batch)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
