@@ -283,3 +283,19 @@ def test_two_cameras_batched_in_one_inference(tmp_path, batch2_model_dir, tiny_m
         assert 1.0 <= float(values["frames_per_inference"]) <= 2.0
     finally:
         assert stop_process(proc) == 0, (tmp_path / "node.log").read_text()
+
+
+def test_label_info_published_latched(tmp_path, tiny_model_dir, driver):
+    vision_msgs = pytest.importorskip("vision_msgs.msg", reason="vision_msgs comes with a ROS 2 install")
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+    proc = start_node_process(["-p", f"model:={tiny_model_dir}", "-r", "__ns:=/li"], tmp_path / "node.log")
+    try:
+        wait_for(lambda: "segmenting" in (tmp_path / "node.log").read_text(), 60, "node up")
+        time.sleep(0.5)  # subscribe late: transient local must still deliver
+        qos = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+        info = Collector(driver.node, vision_msgs.LabelInfo, "/li/label_info", qos)
+        wait_for(lambda: info.messages, 20, "label_info")
+        assert [c.class_name for c in info.messages[0].class_map] == list(CITYSCAPES_CLASSES)
+    finally:
+        assert stop_process(proc) == 0
