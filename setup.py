@@ -23,7 +23,7 @@ setup(
                 "ros-kilted-diagnostic-msgs", "ros-kilted-geometry-msgs"],
         "training": ["torch", "torchvision", "timm>=1.0.15", "peft>=0.14", "safetensors", "onnx",
                      "onnxscript", "transformers"],
-        "dev": ["pytest", "pytest-timeout", "flake8", "pydocstyle", "ros-kilted-ament-flake8", "ros-kilted-ament-pep257"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "psutil", "flake8", "pydocstyle", "ros-kilted-ament-flake8", "ros-kilted-ament-pep257"],
     },
     zip_safe=True,
     maintainer="dgss_perception maintainers",

@@ -10,6 +10,7 @@ frames; the numpy path below is the equivalent used everywhere else.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import cv2
@@ -81,7 +82,7 @@ def _image_to_rgb_numpy(msg: Any, channels: int, depth: int) -> np.ndarray:
         return np.repeat(mono[:, :, None], 3, axis=2)
     pixels = raw.reshape(height, width, channels)
     if encoding == "rgb8":
-        return np.ascontiguousarray(pixels)
+        return pixels.copy()  # never a view of the message's buffer
     if encoding == "bgr8":
         return np.ascontiguousarray(pixels[:, :, ::-1])
     if encoding == "rgba8":
@@ -103,11 +104,33 @@ def image_to_rgb(msg: Any, use_cv_bridge: bool = True) -> np.ndarray:
     return _image_to_rgb_numpy(msg, channels, depth)
 
 
+def compressed_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG or JPEG header without decoding; None for other or unreadable data."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return height, width
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 4 <= len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                if i + 9 > len(data):
+                    return None
+                height, width = struct.unpack(">HH", data[i + 5:i + 9])
+                return height, width
+            i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    return None
+
+
 def compressed_to_rgb(msg: Any) -> np.ndarray:
     """sensor_msgs/CompressedImage (JPEG, PNG, …) → rgb uint8 H×W×3. Raises FrameError."""
     data = np.frombuffer(memoryview(msg.data).cast("B"), dtype=np.uint8)
     if data.size == 0:
         raise FrameError("empty compressed image")
+    size = compressed_size(data[:65536].tobytes())
+    # A few hundred bytes of PNG can claim gigapixels: refuse before decoding.
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise FrameError(f"compressed image too large ({size[1]}x{size[0]})")
     # cv2.imdecode returns None (or raises on some builds) for corrupt data.
     try:
         bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
