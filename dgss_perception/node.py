@@ -405,7 +405,7 @@ class SegmentationMixin:
             latency_median_ms=f"{statistics.median(latencies):.2f}" if latencies else "nan",
             latency_max_ms=f"{max(latencies):.2f}" if latencies else "nan",
             inference_median_ms=f"{statistics.median(inference):.2f}" if inference else "nan",
-            frames_per_inference=f"{statistics.mean(batches):.2f}" if batches else "nan",
+            batch_mean=f"{statistics.mean(batches):.2f}" if batches else "nan",
             backend=f"{self.segmenter.backend.name}/{self.segmenter.backend.device}",
         )
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]

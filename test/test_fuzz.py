@@ -44,7 +44,9 @@ GUARD_BYTE = 0xA5
 # Keeps generated payloads small; geometry alone still reaches the huge cases.
 PAYLOAD_CAP = 48 * 1024
 
-PROPERTY_SETTINGS = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# No example database: nothing is written into the checkout; a failure prints its reproducing example.
+PROPERTY_SETTINGS = settings(max_examples=1500, deadline=None, database=None,
+                             suppress_health_check=[HealthCheck.too_slow])
 
 
 # -- reference conversion, written independently of the codec -------------------------------------------------------
@@ -162,7 +164,7 @@ def test_real_image_message_converts_or_raises_frame_error(fields: dict[str, Any
     check_image_conversion(msg, fields)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(encoding=st.sampled_from(SUPPORTED), height=st.integers(1, 24), width=st.integers(1, 24),
        pad=st.integers(0, 7), seed=st.integers(0, UINT32_MAX), bigendian=st.booleans())
 def test_every_valid_frame_converts(encoding: str, height: int, width: int, pad: int, seed: int,
@@ -266,7 +268,7 @@ def test_compressed_like_object_decodes_or_raises_frame_error(case: tuple[bytes,
     check_compressed_conversion(SimpleNamespace(format=fmt, data=wrap_payload(payload, container)), expected)
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=600, deadline=None, database=None)
 @given(case=compressed_payloads())
 def test_real_compressed_message_decodes_or_raises_frame_error(case: tuple[bytes, np.ndarray | None]) -> None:
     payload, expected = case

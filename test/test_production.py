@@ -280,7 +280,7 @@ def test_two_cameras_batched_in_one_inference(tmp_path, batch2_model_dir, tiny_m
         wait_for(lambda: values().get("left/frames_processed") == values().get("right/frames_processed") == "5",
                  10, "diagnostics counting 5 frames per camera")
         values = values()
-        assert 1.0 <= float(values["frames_per_inference"]) <= 2.0
+        assert 1.0 <= float(values["batch_mean"]) <= 2.0
     finally:
         assert stop_process(proc) == 0, (tmp_path / "node.log").read_text()
 
