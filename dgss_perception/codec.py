@@ -128,8 +128,12 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     if data.size == 0:
         raise FrameError("empty compressed image")
     size = compressed_size(data[:65536].tobytes())
-    # A few hundred bytes of PNG can claim gigapixels: refuse before decoding.
-    if size is not None and size[0] * size[1] > MAX_PIXELS:
+    # A few hundred bytes can claim gigapixels and OpenCV would allocate them while decoding, so only
+    # formats whose size is read from the header first are accepted: JPEG and PNG, what ROS 2's
+    # compressed image transport produces.
+    if size is None:
+        raise FrameError(f"compressed image is neither JPEG nor PNG with a readable header (format {msg.format!r})")
+    if size[0] * size[1] > MAX_PIXELS:
         raise FrameError(f"compressed image too large ({size[1]}x{size[0]})")
     # cv2.imdecode returns None (or raises on some builds) for corrupt data.
     try:
