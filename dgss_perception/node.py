@@ -413,6 +413,10 @@ class SegmentationMixin:
         msg.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(msg)
 
+    def destroy_node(self) -> None:
+        self._stop_worker()
+        super().destroy_node()
+
     def _stop_worker(self) -> None:
         """Stop the worker (waits for the frame in progress)."""
         worker = getattr(self, "_worker", None)
@@ -433,10 +437,6 @@ class SegmentNode(SegmentationMixin, Node):
         self.declare_segmentation_parameters()
         self.load_model()
         self.start_work()
-
-    def destroy_node(self) -> None:
-        self._stop_worker()
-        super().destroy_node()
 
 
 class LifecycleSegmentNode(SegmentationMixin, LifecycleNode):
@@ -474,10 +474,6 @@ class LifecycleSegmentNode(SegmentationMixin, LifecycleNode):
         if self.segmenter is not None:
             self.release_model()
         return TransitionCallbackReturn.SUCCESS
-
-    def destroy_node(self) -> None:
-        self._stop_worker()
-        super().destroy_node()
 
 
 def image_message(header: Any, pixels: np.ndarray, encoding: str) -> Image:
