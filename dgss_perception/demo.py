@@ -88,7 +88,9 @@ def _prepare_model(args: argparse.Namespace, out: Path, work: Path) -> Path:
         (data / "done").write_text("ok\n")
 
     cfg = yaml.safe_load(Path(args.config).read_text())
-    cfg.setdefault("data", {}).update(root=str(data / "cityscapes"), val_root=str(data / "acdc"))
+    cfg.setdefault("data", {})["root"] = str(data / "cityscapes")
+    for val_set in cfg["data"].get("val", []):
+        val_set["root"] = str(data / val_set["layout"])
     if args.iters is not None:
         cfg.setdefault("optim", {})["iters"] = args.iters
     run_dir = work / "run"

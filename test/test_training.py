@@ -21,7 +21,8 @@ from training.data.datasets import acdc_samples, cityscapes_samples, read_train_
 from training.export import compare, export_package, load_export_model
 from training.export_wrappers import SegmentationGraph
 from training.models.deconv_head import DeconvHead
-from training.train import segmentation_loss, set_trainable, train
+from training.objectives import segmentation_loss
+from training.train import set_trainable, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +138,8 @@ def test_dataset_layouts(tmp_path):
 def test_train_checkpoint_resume_and_export(tmp_path):
     make_cityscapes(tmp_path / "cs", "train", 4)
     make_cityscapes(tmp_path / "cs", "val", 2)
-    cfg = tiny_cfg(data={"root": str(tmp_path / "cs"), "val_root": str(tmp_path / "cs"), "scale_range": [1.0, 1.2]},
+    cfg = tiny_cfg(data={"root": str(tmp_path / "cs"), "val": [{"root": str(tmp_path / "cs")}],
+                         "scale_range": [1.0, 1.2]},
                    optim={"iters": 2, "batch_size": 2, "warmup_iters": 1, "lr_head": 1e-3},
                    num_workers=0, log_every=1, checkpoint_every=1)
     run = tmp_path / "run"

@@ -37,10 +37,27 @@ class HeadConfig:
 
 
 @dataclass
+class RefineConfig:
+    """MGRNet, VFMSeg's refinement head, and its high-resolution training view (paper sizes)."""
+
+    dim: int = 256  # token width of the feature-to-semantics attention
+    depth: int = 3  # attention blocks
+    heads: int = 8
+    head_dim: int = 64
+    ffn_dim: int = 1024  # GEGLU inner width (the input projection is 2 × this)
+    mask_channels: list[int] = field(default_factory=lambda: [64, 128])  # mask-embedding convs
+    dropout: float = 0.1
+    mask_ratio: float = 0.2  # share of image-feature tokens replaced by the mask token (training only)
+    window: int = 512  # high-resolution crop in training, refinement window at inference (pixels)
+    loss_weight: float = 1.0  # λ in L_c + λ·L_d
+
+
+@dataclass
 class ModelConfig:
     family: str = "vfmnet_mgrnet"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    refine: RefineConfig | None = None  # None: VFMNet alone (whole-image inference only)
     num_classes: int = 19
     img_size: list[int] = field(default_factory=lambda: [512, 512])  # (H, W) the network sees
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -48,18 +65,51 @@ class ModelConfig:
 
 
 @dataclass
+class RareClassConfig:
+    """Rare-class sampling (DAFormer's scheme, the VFMSeg settings)."""
+
+    stats: str = ""  # class statistics JSON written by ``python -m training.data.class_stats``
+    temperature: float = 0.01
+    min_pixels: int = 3000  # a file counts for a class only with at least this many of its pixels
+    min_crop_ratio: float = 2.0  # re-crop until the class has min_pixels × this in the crop…
+    max_recrops: int = 10  # …or this many tries have been made
+
+
+@dataclass
+class EvalSetConfig:
+    """One evaluation dataset; its domains (e.g. ACDC conditions) are reported separately."""
+
+    layout: str = "cityscapes"
+    root: str = ""
+    split: str = "val"
+    conditions: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
-    layout: str = "cityscapes"  # cityscapes | acdc
+    layout: str = "cityscapes"  # cityscapes | gtav | bdd100k | mapillary | acdc | synthia
     root: str = ""
     split: str = "train"
     conditions: list[str] = field(default_factory=list)  # ACDC conditions
+    crop_size: list[int] | None = None  # training crop (H, W); None: img_size, or 2 × img_size with a refine head
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
     photometric: bool = True
-    val_layout: str = ""
-    val_root: str = ""
-    val_split: str = "val"
-    val_conditions: list[str] = field(default_factory=list)
+    rcs: RareClassConfig | None = None
+    val: list[EvalSetConfig] = field(default_factory=list)
+
+
+@dataclass
+class InferenceConfig:
+    """How evaluation predicts a frame (the exported runtime follows the same rules)."""
+
+    mode: str = "whole"  # whole | slide | coarse | coarse_to_fine
+    test_size: list[int] | None = None  # (H, W) frames are resized to before inference; None: as read
+    coarse_size: list[int] = field(default_factory=lambda: [512, 1024])  # stage 1, fixed whatever the aspect
+    window: int = 512
+    stride: int = 320
+    theta: float = 0.968  # a pixel is confident when its max softmax exceeds θ
+    c_tau: float = 0.8  # a window is refined when its confident fraction is below C_τ
 
 
 @dataclass
@@ -72,6 +122,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_iters: int = 1500
     poly_power: float = 1.0
+    # mmseg's cross-entropy divides by every pixel, ignored ones included ("all", the official
+    # setting); "valid" divides by the labelled pixels only.
+    loss_norm: str = "all"
 
 
 @dataclass
@@ -80,6 +133,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     seed: int = 0
     device: str = "auto"
     amp: str = "none"  # none | bf16
@@ -87,6 +141,16 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 1000
     threads: int = 0  # torch CPU threads, 0 = torch default
+    dist_backend: str = "auto"  # torchrun: nccl on CUDA, gloo on CPU
+
+
+def train_crop_size(cfg: TrainConfig) -> tuple[int, int]:
+    """The training crop: data.crop_size, else the network size (× 2 for the two-view refine training)."""
+    if cfg.data.crop_size:
+        return int(cfg.data.crop_size[0]), int(cfg.data.crop_size[1])
+    h, w = cfg.model.img_size
+    scale = 2 if cfg.model.refine is not None else 1
+    return int(h) * scale, int(w) * scale
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -108,6 +172,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
             target = args[0]
         else:
             target = None
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
+        if item is not None and dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                raise ValueError(f"{where}.{key}: expected a list, got {value!r}")
+            kwargs[key] = [_build(item, v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+            continue
         kwargs[key] = _build(target, value, f"{where}.{key}") if target is not None and value is not None else value
     return cls(**kwargs)
 

@@ -25,7 +25,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dgss_perception.labels import IGNORE_INDEX
 from dgss_perception.metrics import confusion_matrix, mean_iou
 
 from .build import build_vfmnet
@@ -34,6 +33,7 @@ from .config import TrainConfig, config_to_dict, load_config
 from .data.datasets import Sample, find_samples, read_rgb, read_train_ids
 from .data.transforms import eval_transform, train_transform
 from .models.preprocess import normalize
+from .objectives import compute_loss
 
 
 class SegmentationDataset(Dataset):
@@ -80,12 +80,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         {"params": [p for p in model.head.parameters() if p.requires_grad], "lr": cfg.optim.lr_head},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.optim.weight_decay)
-
-
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on logits upsampled to the label size; 255 ignored."""
-    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()
@@ -163,8 +157,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, progress: bool =
                 images, labels = next(batches)
             images, labels = images.to(device).float(), labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(normalize(images, cfg.model.mean, cfg.model.std))
-            loss = segmentation_loss(logits.float(), labels) / o.grad_accum
+                loss, _ = compute_loss(model, normalize(images, cfg.model.mean, cfg.model.std), labels, cfg)
+            loss = loss / o.grad_accum
             loss.backward()
             total += float(loss.detach())
         optimizer.step()
@@ -186,9 +180,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, progress: bool =
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
     summary: dict = {"step": step, "loss": loss_value}
-    if cfg.data.val_root:
-        val = find_samples(cfg.data.val_layout or cfg.data.layout, cfg.data.val_root, cfg.data.val_split,
-                           cfg.data.val_conditions or None)
+    if cfg.data.val:
+        val = [s for v in cfg.data.val for s in find_samples(v.layout, v.root, v.split, v.conditions or None)]
         summary["val_miou"] = evaluate_samples(model, val, cfg, device)
     log.write(json.dumps({"summary": summary}) + "\n")
     log.close()
