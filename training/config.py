@@ -93,6 +93,7 @@ class DataConfig:
     conditions: list[str] = field(default_factory=list)  # ACDC conditions
     crop_size: list[int] | None = None  # training crop (H, W); None: img_size, or 2 × img_size with a refine head
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 1.0  # re-draw a crop in which one class covers more than this share (1.0: off)
     flip: bool = True
     photometric: bool = True
     rcs: RareClassConfig | None = None
