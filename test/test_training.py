@@ -54,7 +54,7 @@ def test_paper_sizes_parameter_counts():
 
     with torch.device("meta"):
         vit = create_vit("vit_large_patch14_dinov2", (512, 512))
-        add_lora(vit, LoraSettings())
+        add_lora(vit, LoraSettings(targets=["qkv"]))
         head = DeconvHead(4 * 1024, 19)
     lora = sum(p.numel() for n, p in vit.named_parameters() if "lora_" in n)
     assert lora == 24 * (1024 * 32 + 32 * 3072) == 3_145_728

@@ -11,16 +11,21 @@ from torch import nn
 
 @dataclass
 class LoraSettings:
-    """LoRA hyper-parameters (the paper: r=32, alpha=32, dropout 0.1 on qkv)."""
+    """LoRA hyper-parameters (the paper: r=32, alpha=32, dropout 0.1 on qkv).
+
+    Empty ``targets`` means the backbone's attention input projections (qkv, or q/k/v for EVA02).
+    """
 
     r: int = 32
     alpha: int = 32
     dropout: float = 0.1
-    targets: list[str] = field(default_factory=lambda: ["qkv"])
+    targets: list[str] = field(default_factory=list)
 
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """Inject LoRA adapters into the modules named by ``settings.targets`` (in place)."""
+    if not settings.targets:
+        raise ValueError("LoRA needs target module names (build_vfmnet fills in the backbone's own)")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.targets), bias="none")
     return inject_adapter_in_model(config, model)

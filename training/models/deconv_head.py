@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 
-def _groups(channels: int, wanted: int = 32) -> int:
-    """Largest group count ≤ wanted that divides channels (32 at paper sizes)."""
+def norm_groups(channels: int, wanted: int = 32) -> int:
+    """Largest GroupNorm group count ≤ wanted that divides channels (32 at paper sizes, fewer for tiny ones)."""
     g = min(wanted, channels)
     while channels % g:
         g -= 1
@@ -33,7 +33,7 @@ class DeconvHead(nn.Module):
         super().__init__()
         c0, c1, c2 = channels
         self.fuse = nn.Sequential(
-            nn.Conv2d(in_channels, c0, 1, bias=False), nn.GroupNorm(_groups(c0), c0), nn.ReLU(inplace=True))
+            nn.Conv2d(in_channels, c0, 1, bias=False), nn.GroupNorm(norm_groups(c0), c0), nn.ReLU(inplace=True))
         self.up1 = nn.Sequential(nn.ConvTranspose2d(c0, c1, 2, stride=2), nn.BatchNorm2d(c1), nn.GELU())
         self.up2 = nn.Sequential(nn.ConvTranspose2d(c1, c2, 2, stride=2), nn.GELU())
         self.dropout = nn.Dropout2d(dropout)
