@@ -1,70 +1,79 @@
-"""Train a segmentation model from a config file.
+"""Train a segmentation model from a config file, on one process or several (torchrun).
 
     python -m training.train --config training/configs/demo_tiny.yaml --run-dir runs/demo
+    torchrun --nproc_per_node 4 -m training.train --config X.yaml --run-dir runs/x
 
-Writes to the run directory: config.yaml (the effective config), metrics.jsonl,
-checkpoints/last.pt (resumable; loaded with weights_only=True), and
-model.safetensors (the final weights, which ``training.export`` reads).
+Under torchrun every process trains a replica of the model on its own share of the data
+(DistributedDataParallel); ``optim.batch_size`` is per process, so the effective batch is
+batch_size × grad_accum × the number of processes. Rank 0 alone writes to the run
+directory: config.yaml (the effective config), metrics.jsonl, checkpoints/last.pt
+(resumable; loaded with weights_only=True) and model.safetensors (the final weights of the
+plain model, which ``training.export`` reads). ``DGSS_SYNC_CHECK=path`` makes every rank log
+digests of its parameters and batches after each step (see ``training.distributed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
 import time
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from dgss_perception.metrics import confusion_matrix, mean_iou
 
 from .build import build_vfmnet
-from .checkpoint import load_torch_file
 from .config import TrainConfig, config_to_dict, load_config
-from .data.datasets import Sample, find_samples, read_rgb, read_train_ids
-from .data.transforms import eval_transform, train_transform
+from .data.datasets import Sample, find_samples, load_sample
+from .data.loader import build_train_dataset
+from .distributed import (DistContext, SyncCheck, any_over_ranks, barrier, distributed_session, env_ranks,
+                          gather_objects, mean_over_ranks)
 from .models.preprocess import normalize
+from .inference import Predictor
 from .objectives import compute_loss
 
 
-class SegmentationDataset(Dataset):
-    """Samples → (image uint8 (3,H,W), labels int64 (H,W)) after training augmentation."""
+class LossModule(nn.Module):
+    """The model and its objective as one module, so that DDP's forward covers all of ``compute_loss``.
 
-    def __init__(self, samples: list[Sample], cfg: TrainConfig) -> None:
-        self.samples = samples
-        self.size = tuple(cfg.model.img_size)
-        self.data = cfg.data
-        self.seed = cfg.seed
+    ``compute_loss`` may reach into the model (its backbone, a refinement head); run inside
+    this forward it sees the plain model, while DDP still prepares the gradient all-reduce.
+    """
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Fresh randomness per draw; torch seeds each worker's stream, so runs are reproducible.
-        rng = np.random.default_rng([self.seed, index, int(torch.randint(0, 2**31 - 1, (1,)))])
-        sample = self.samples[index]
-        image, labels = train_transform(read_rgb(sample.image), read_train_ids(sample.label), self.size,
-                                        tuple(self.data.scale_range), self.data.flip, self.data.photometric, rng)
-        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(labels.astype(np.int64))
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """images (N,3,H,W) normalised, labels (N,H,W) → (loss, logged parts)."""
+        return compute_loss(self.model, images, labels, self.cfg)
 
 
 def set_trainable(model: nn.Module, finetune: str) -> None:
-    """Training policy lives here, not in the model: which backbone weights learn."""
+    """Training policy lives here, not in the model: which backbone weights learn (every other module does)."""
     if finetune not in ("lora", "full", "frozen"):
         raise ValueError(f"backbone.finetune must be lora, full or frozen, got {finetune!r}")
-    for name, p in model.backbone.named_parameters():
-        p.requires_grad = finetune == "full" or (finetune == "lora" and "lora_" in name)
-    for p in model.head.parameters():
-        p.requires_grad = True
+    for child_name, child in model.named_children():
+        for name, p in child.named_parameters():
+            if child_name == "backbone":
+                p.requires_grad = finetune == "full" or (finetune == "lora" and "lora_" in name)
+            else:
+                p.requires_grad = True
 
 
 def poly_warmup(step: int, warmup: int, total: int, power: float) -> float:
@@ -75,116 +84,234 @@ def poly_warmup(step: int, warmup: int, total: int, power: float) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = [
-        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.optim.lr_backbone},
-        {"params": [p for p in model.head.parameters() if p.requires_grad], "lr": cfg.optim.lr_head},
-    ]
+    """AdamW: the backbone at lr_backbone, the decoder side (head, a refinement head) at lr_head."""
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    seen = {id(p) for p in model.backbone.parameters()}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    groups = [{"params": backbone, "lr": cfg.optim.lr_backbone}, {"params": rest, "lr": cfg.optim.lr_head}]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.optim.weight_decay)
 
 
 @torch.no_grad()
 def evaluate_samples(model: nn.Module, samples: list[Sample], cfg: TrainConfig, device: torch.device) -> dict:
-    """mIoU per domain (whole-image inference at the network size, logits resized to the label)."""
-    model.eval()
+    """mIoU per domain in the configured inference mode (``cfg.inference``), on a copy of the weights."""
+    predictor = Predictor(cfg, {k: v.detach() for k, v in model.state_dict().items()}, device)
     confs: dict[str, np.ndarray] = {}
     for sample in samples:
-        image = eval_transform(read_rgb(sample.image), tuple(cfg.model.img_size))
-        labels = read_train_ids(sample.label)
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device)
-        logits = model(normalize(x, cfg.model.mean, cfg.model.std))
-        logits = F.interpolate(logits, size=labels.shape, mode="bilinear", align_corners=False)
-        pred = logits.argmax(1)[0].cpu().numpy()
-        c = confusion_matrix(pred, labels, cfg.model.num_classes)
-        confs[sample.domain] = confs.get(sample.domain, 0) + c
-    model.train()
+        rgb, labels = load_sample(sample)
+        pred, _ = predictor.predict(rgb)
+        confs[sample.domain] = confs.get(sample.domain, 0) + confusion_matrix(pred, labels, cfg.model.num_classes)
     return {domain: mean_iou(c) for domain, c in sorted(confs.items())}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's torch RNG streams: CPU (data augmentation) and, on a GPU, its CUDA stream (dropout)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], ctx: DistContext, seed: int, step: int) -> None:
+    """Continue this rank's RNG streams from a checkpoint.
+
+    A rank the checkpoint has no state for (a resume with more processes) gets a fresh
+    stream of its own that depends on the step, so it does not replay its first run.
+    """
+    ranks = state.get("rng_ranks")
+    if ranks is None and "rng" in state:  # a checkpoint of a single-process run of an earlier version
+        ranks = [{"cpu": state["rng"]}]
+    mine = ranks[ctx.rank] if ranks and ctx.rank < len(ranks) else None
+    if mine is None:
+        torch.manual_seed(int(np.random.SeedSequence([seed, ctx.rank, step]).generate_state(1)[0]))
+        return
+    torch.set_rng_state(mine["cpu"].cpu())
+    if "cuda" in mine and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"].cpu(), ctx.device)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A training checkpoint, tensors on ``device`` (weights_only: never runs pickled code)."""
+    try:
+        return torch.load(str(path), map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot load {path} safely (corrupt, truncated, or not a weights-only file): {exc}") from exc
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, epoch: int, ctx: DistContext) -> None:
+    """Rank 0 writes last.pt atomically with every rank's RNG state; all ranks return once it is on disk."""
+    rngs = gather_objects(rng_state(ctx.device), ctx)  # a collective: every rank takes part
+    if ctx.is_main:
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                    "world_size": ctx.world_size, "rng": rngs[0]["cpu"], "rng_ranks": rngs}, tmp)
+        tmp.replace(path)
+    barrier(ctx)
+
+
+def endless_batches(loader: DataLoader, sampler: DistributedSampler,
+                    epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(epoch, images, labels) forever; each pass over the data reshuffles (set_epoch) from ``epoch`` on."""
+    while True:
+        sampler.set_epoch(epoch)
+        for images, labels in loader:
+            yield epoch, images, labels
+        epoch += 1
+
+
+def unused_trainable_parameters(loss_module: LossModule, images: torch.Tensor, labels: torch.Tensor,
+                                device: torch.device, amp: bool) -> list[str]:
+    """Trainable parameters that one forward/backward leaves without a gradient.
+
+    DDP must search for unused parameters (an extra graph traversal each step) only if the
+    objective skips some trainable ones; frozen parameters are not registered with DDP and
+    do not count. RNG streams and buffers (BatchNorm statistics) are restored afterwards, so
+    the probe leaves no trace on training.
+    """
+    model = loss_module.model
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = loss_module(images, labels)
+        loss.backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return unused
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, progress: bool = True) -> dict:
-    """Run training; returns a summary with the final loss and validation mIoU."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Run training (in torchrun's process group when launched by it); returns a summary.
+
+    The summary holds the final step, the loss (mean over ranks) and the world size, and on
+    rank 0 the validation mIoU.
+    """
+    with distributed_session(cfg.device, cfg.dist_backend) as ctx:
+        return _train(cfg, run_dir, ctx, resume, progress)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume: bool, progress: bool) -> dict:
+    """The training loop of one rank (of one when there is no process group)."""
+    device = ctx.device
+    if ctx.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
 
+    # Rank 0 builds first, so weights fetched from the hub are downloaded once, not by every rank at a time.
+    if not ctx.is_main:
+        barrier(ctx)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_vfmnet(cfg.model).to(device)
+    if ctx.is_main:
+        barrier(ctx)
     set_trainable(model, cfg.model.backbone.finetune)
+    # The same Parameter objects DDP will wrap: the optimizer steps the synchronised gradients.
     optimizer = build_optimizer(model, cfg)
     o = cfg.optim
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: poly_warmup(s, o.warmup_iters, o.iters, o.poly_power))
 
-    step = 0
+    step, epoch = 0, 0
     last = run_dir / "checkpoints" / "last.pt"
     if resume and last.is_file():
-        state = load_torch_file(last)
+        state = load_checkpoint(last, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The optimizer holds the rate of the saved schedule; follow this run's (optim.iters may have grown).
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
         step = int(state["step"])
-        torch.set_rng_state(state["rng"])
+        # The interrupted pass over the data is not replayed; the next one starts reshuffled.
+        epoch = int(state.get("epoch", step)) + 1
+        restore_rng(state, ctx, cfg.seed, step)
+    else:
+        torch.manual_seed(cfg.seed + ctx.rank)  # data augmentation and dropout differ per rank
 
-    samples = find_samples(cfg.data.layout, cfg.data.root, cfg.data.split, cfg.data.conditions or None)
-    loader = DataLoader(SegmentationDataset(samples, cfg), batch_size=o.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    dataset = build_train_dataset(cfg)
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=o.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                        pin_memory=device.type == "cuda")
     if len(loader) == 0:
-        raise ValueError(f"{len(samples)} samples are fewer than one batch of {o.batch_size}")
+        raise ValueError(f"{len(dataset)} samples over {ctx.world_size} process(es) are fewer than one batch "
+                         f"of {o.batch_size} per process")
 
     amp = cfg.amp == "bf16"
-    log = open(run_dir / "metrics.jsonl", "a")
-    bar = tqdm(total=o.iters, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
-    model.train()
-    batches = iter(loader)
-    loss_value = math.nan
-    t0 = time.time()
-    while step < o.iters:
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(o.grad_accum):
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                images, labels = next(batches)
-            images, labels = images.to(device).float(), labels.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, _ = compute_loss(model, normalize(images, cfg.model.mean, cfg.model.std), labels, cfg)
-            loss = loss / o.grad_accum
-            loss.backward()
-            total += float(loss.detach())
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        loss_value = total
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-        if step % cfg.log_every == 0 or step == o.iters:
-            log.write(json.dumps({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr(),
-                                  "elapsed_s": round(time.time() - t0, 1)}) + "\n")
-            log.flush()
-        if step % cfg.checkpoint_every == 0 or step == o.iters:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": step, "rng": torch.get_rng_state()},
-                       run_dir / "checkpoints" / "last.tmp")
-            (run_dir / "checkpoints" / "last.tmp").replace(last)
-    bar.close()
+    loss_module = LossModule(model, cfg)
+    batches = endless_batches(loader, sampler, epoch)
+    ddp: DistributedDataParallel | None = None
+    if ctx.distributed:
+        first = next(batches)
+        images = normalize(first[1].to(device).float(), cfg.model.mean, cfg.model.std)
+        unused = unused_trainable_parameters(loss_module, images, first[2].to(device), device, amp)
+        batches = itertools.chain([first], batches)
+        ddp = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=any_over_ranks(bool(unused), ctx))
+    forward = ddp if ddp is not None else loss_module
+    sync_check = SyncCheck.from_env(ctx.rank)
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
-    summary: dict = {"step": step, "loss": loss_value}
-    if cfg.data.val:
-        val = [s for v in cfg.data.val for s in find_samples(v.layout, v.root, v.split, v.conditions or None)]
-        summary["val_miou"] = evaluate_samples(model, val, cfg, device)
-    log.write(json.dumps({"summary": summary}) + "\n")
-    log.close()
+    with ExitStack() as stack:
+        log = stack.enter_context(open(run_dir / "metrics.jsonl", "a")) if ctx.is_main else None
+        bar = stack.enter_context(tqdm(total=o.iters, initial=step, desc=cfg.name, dynamic_ncols=True,
+                                       disable=not (progress and ctx.is_main)))
+        forward.train()
+        loss_value = math.nan
+        t0 = time.time()
+        while step < o.iters:
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device)
+            parts: dict[str, float] = {}
+            seen: list[torch.Tensor] = []
+            for micro in range(o.grad_accum):
+                epoch, images, labels = next(batches)
+                if sync_check is not None:
+                    seen += [images, labels]
+                images, labels = images.to(device, non_blocking=True).float(), labels.to(device, non_blocking=True)
+                # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+                sync = ddp.no_sync() if ddp is not None and micro < o.grad_accum - 1 else nullcontext()
+                with sync:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        loss, micro_parts = forward(normalize(images, cfg.model.mean, cfg.model.std), labels)
+                    (loss / o.grad_accum).backward()
+                total += loss.detach().float() / o.grad_accum
+                for key, value in micro_parts.items():
+                    parts[key] = parts.get(key, 0.0) + float(value) / o.grad_accum
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            keys = sorted(parts)
+            means = mean_over_ranks(torch.stack([total.double()] + [
+                torch.tensor(parts[k], dtype=torch.float64, device=device) for k in keys]), ctx).tolist()
+            loss_value, parts = means[0], dict(zip(keys, means[1:]))
+            if sync_check is not None:
+                sync_check.record(step, model, seen)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if log is not None and (step % cfg.log_every == 0 or step == o.iters):
+                log.write(json.dumps({"step": step, "loss": loss_value, "loss_parts": parts,
+                                      "lr": scheduler.get_last_lr(), "world_size": ctx.world_size,
+                                      "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+                log.flush()
+            if step % cfg.checkpoint_every == 0 or step == o.iters:
+                save_checkpoint(last, model, optimizer, scheduler, step, epoch, ctx)
+
+        summary: dict = {"step": step, "loss": loss_value, "world_size": ctx.world_size}
+        if log is not None:
+            # The plain model's weights: the same keys as a single-process run, never DDP's "module." ones.
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
+            if cfg.data.val:
+                val = [s for v in cfg.data.val for s in find_samples(v.layout, v.root, v.split, v.conditions or None)]
+                summary["val_miou"] = evaluate_samples(model, val, cfg, device)
+            log.write(json.dumps({"summary": summary}) + "\n")
+    barrier(ctx)  # the other ranks wait for rank 0's files and validation
     return summary
 
 
@@ -205,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.optim.iters = args.iters
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     summary = train(cfg, run_dir, resume=not args.no_resume, progress=not args.no_progress)
-    print(json.dumps(summary, indent=2))
+    if env_ranks()[0] == 0:  # one summary per launch, not one per process
+        print(json.dumps(summary, indent=2))
     return 0
 
 
