@@ -1,7 +1,9 @@
-"""Inference backends: run one exported graph on a uint8 NHWC batch.
+"""Inference backends: run one exported graph.
 
-A backend maps input name → array to output name → numpy array. ONNX Runtime
-needs no torch; the TorchScript backend imports torch only when chosen.
+A backend takes the graph's inputs in card order (the first is always the
+uint8 NHWC image batch) and returns its outputs in card order as numpy
+arrays. ONNX Runtime needs no torch; the TorchScript backend imports torch
+only when chosen.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ class Backend(Protocol):
     name: str
     device: str
 
-    def run(self, image: np.ndarray) -> list[np.ndarray]:
-        """image uint8 (N,H,W,3) → the graph's outputs in card order."""
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The graph's inputs in card order (image uint8 (N,H,W,3) first) → its outputs in card order."""
 
 
 class BackendError(RuntimeError):
@@ -54,7 +56,7 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, input_name: str, output_names: list[str], device: str = "auto",
+    def __init__(self, path: Path, input_names: list[str], output_names: list[str], device: str = "auto",
                  threads: int = 0) -> None:
         try:
             import onnxruntime as ort
@@ -71,14 +73,14 @@ class OnnxRuntimeBackend:
         self.providers = self.session.get_providers()
         graph_inputs = [i.name for i in self.session.get_inputs()]
         graph_outputs = [o.name for o in self.session.get_outputs()]
-        if graph_inputs != [input_name] or graph_outputs != output_names:
+        if graph_inputs != list(input_names) or graph_outputs != list(output_names):
             raise BackendError(f"{path}: graph has inputs {graph_inputs} and outputs {graph_outputs}, "
-                               f"card says {[input_name]} and {output_names}")
-        self.input_name = input_name
-        self.output_names = output_names
+                               f"card says {list(input_names)} and {list(output_names)}")
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
 
-    def run(self, image: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.output_names, {self.input_name: image})
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.output_names, dict(zip(self.input_names, inputs)))
 
 
 class TorchScriptBackend:
@@ -99,9 +101,9 @@ class TorchScriptBackend:
         self.device = device
         self.module = torch.jit.load(str(path), map_location=device).eval()
 
-    def run(self, image: np.ndarray) -> list[np.ndarray]:
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         torch = self.torch
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(image).to(self.device))
+            out = self.module(*(torch.from_numpy(a).to(self.device) for a in inputs))
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return [o.cpu().numpy() for o in outs]

@@ -17,7 +17,10 @@ SCHEMA_VERSION = 1
 CARD_FILE = "card.json"
 FAMILIES = ("vfmnet_mgrnet", "mfuser", "depthforge", "rein")
 OUTPUT_KINDS = ("labels_confidence", "logits")
-INFERENCE_MODES = ("whole",)
+INFERENCE_MODES = ("whole", "coarse", "coarse_to_fine")
+# The graphs each mode runs: coarse-to-fine is VFMSeg's stage 1 ("coarse", which also scores
+# every window's confidence) followed by the selected windows through backbone + MGRNet ("refine").
+MODE_GRAPHS = {"whole": ("whole",), "coarse": ("coarse",), "coarse_to_fine": ("coarse", "refine")}
 RESIZE_POLICIES = ("stretch",)
 
 
@@ -72,6 +75,11 @@ class ModelCard:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def available_modes(self) -> tuple[str, ...]:
+        """Inference modes whose graphs this package holds."""
+        return tuple(m for m in INFERENCE_MODES if all(g in self.graphs for g in MODE_GRAPHS[m]))
 
     def graph_path(self, graph: str, kind: str) -> Path:
         spec = self.graphs[graph]
@@ -174,12 +182,20 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
         if batch < 1 or spec.inputs[0].shape != expected_in or spec.inputs[0].dtype != "uint8":
             raise CardError(f"{wg}: input must be uint8 [N≥1, {height}, {width}, 3], card says "
                             f"{spec.inputs[0].dtype} {list(spec.inputs[0].shape)}")
-        want = 2 if kind == "labels_confidence" else 1
-        if len(spec.outputs) != want:
-            raise CardError(f"{wg}: output_kind {kind} needs {want} output(s), card lists {len(spec.outputs)}")
+        # labels + confidence come first; a coarse graph adds what its refine stage needs.
+        if kind == "labels_confidence" and (len(spec.outputs) < 2 or spec.outputs[0].dtype != "uint8"):
+            raise CardError(f"{wg}: output_kind {kind} needs uint8 labels and a confidence map first, "
+                            f"card lists {[(o.name, o.dtype) for o in spec.outputs]}")
+        if kind == "logits" and len(spec.outputs) != 1:
+            raise CardError(f"{wg}: output_kind logits needs one output, card lists {len(spec.outputs)}")
         graphs[gname] = spec
-    if mode not in graphs:
-        raise CardError(f"{where}: inference mode {mode!r} needs a graph named {mode!r}, card has {sorted(graphs)}")
+    missing = [g for g in MODE_GRAPHS[mode] if g not in graphs]
+    if missing:
+        raise CardError(f"{where}: inference mode {mode!r} needs graphs {list(MODE_GRAPHS[mode])}, "
+                        f"card has {sorted(graphs)}")
+    params = inference.get("params", {})
+    if mode == "coarse_to_fine" or "refine" in graphs:
+        _check_coarse_to_fine(params, graphs, height, width, where)
 
     return ModelCard(
         directory=directory, name=_require(data, "name", str, where), family=family,
@@ -190,6 +206,26 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
         graphs=graphs, precision=_require(data, "precision", str, where),
         checksums=dict(_require(data, "checksums", dict, where)), export=dict(data.get("export", {})),
     )
+
+
+def _check_coarse_to_fine(params: Any, graphs: dict[str, GraphSpec], height: int, width: int, where: str) -> None:
+    """The window table and thresholds a coarse-to-fine package must carry, consistent with its graphs."""
+    w = f"{where}: inference.params"
+    if not isinstance(params, dict):
+        raise CardError(f"{w}: expected an object")
+    window = _require(params, "window", int, w)
+    windows = _require(params, "windows", list, w)
+    for key in ("theta", "c_tau"):
+        value = _require(params, key, (int, float), w)
+        if not 0.0 <= float(value) <= 1.0:
+            raise CardError(f"{w}: {key} must lie in [0, 1], got {value}")
+    if not windows or any(not isinstance(c, list) or len(c) != 2 or not 0 <= c[0] <= height - window
+                          or not 0 <= c[1] <= width - window for c in windows):
+        raise CardError(f"{w}: 'windows' must list [y, x] corners of {window}-pixel windows inside {height}x{width}")
+    coarse = graphs.get("coarse")
+    if coarse is not None and (len(coarse.outputs) != 4 or coarse.outputs[3].shape[-1] != len(windows)):
+        raise CardError(f"{where}: graphs.coarse must output labels, confidence, coarse logits and one "
+                        f"confident fraction per window ({len(windows)})")
 
 
 def load_card(model_dir: str | Path, verify_checksums: bool = True) -> ModelCard:

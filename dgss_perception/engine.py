@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from .backends import Backend, BackendError, OnnxRuntimeBackend, TorchScriptBackend
-from .card import ModelCard, load_card
+from .card import MODE_GRAPHS, CardError, ModelCard, load_card
 
 BACKENDS = ("auto", "onnx", "torchscript")
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,6 +32,7 @@ class SegmentResult:
     labels: np.ndarray
     timings_ms: dict[str, float]
     network_confidence: np.ndarray
+    windows_refined: int = 0  # coarse_to_fine: windows run through the refine graph for this frame
     _confidence: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -61,10 +62,16 @@ class Segmenter:
         backend: ``auto`` (ONNX Runtime when importable and exported, else TorchScript), ``onnx`` or ``torchscript``.
         device: ``auto``, ``cpu`` or ``cuda``.
         output_resolution: ``input`` (labels at the frame's size) or ``network`` (the graph's grid).
+        threads: ONNX Runtime intra-op threads (0 = its default).
+        inference_mode: ``whole``, ``coarse`` or ``coarse_to_fine`` where the package offers it
+            (None = the card's mode).
+        theta: coarse_to_fine max-softmax threshold for a confident pixel (None = the card's).
+        c_tau: coarse_to_fine refines a window whose confident fraction is below this (None = the card's).
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str = "auto",
-                 output_resolution: str = "input", threads: int = 0) -> None:
+                 output_resolution: str = "input", threads: int = 0, inference_mode: str | None = None,
+                 theta: float | None = None, c_tau: float | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if device not in DEVICES:
@@ -74,19 +81,33 @@ class Segmenter:
                              f"(choose from {', '.join(OUTPUT_RESOLUTIONS)})")
         self.card: ModelCard = load_card(model_dir)
         self.output_resolution = output_resolution
-        self.graph = self.card.graphs[self.card.inference_mode]
-        self.backend: Backend = self._open_backend(backend, device, threads)
+        self.mode = inference_mode or self.card.inference_mode
+        if self.mode not in self.card.available_modes:
+            raise CardError(f"inference mode {self.mode!r} is not offered by model {self.card.name} "
+                            f"(it offers: {', '.join(self.card.available_modes)})")
+        params = self.card.inference_params
+        self.theta = float(params.get("theta", 0.968) if theta is None else theta)
+        self.c_tau = float(params.get("c_tau", 0.8) if c_tau is None else c_tau)
+        if not (0.0 < self.theta < 1.0 and 0.0 <= self.c_tau <= 1.0):
+            raise ValueError(f"theta must lie in (0, 1) and c_tau in [0, 1], got {self.theta}, {self.c_tau}")
+        graphs = MODE_GRAPHS[self.mode]
+        self.graph = self.card.graphs[graphs[0]]
+        self.backends: dict[str, Backend] = {g: self._open_backend(g, backend, device, threads) for g in graphs}
+        self.backend: Backend = self.backends[graphs[0]]
+        self.windows_total = 0
+        self.windows_refined = 0
 
-    def _open_backend(self, backend: str, device: str, threads: int) -> Backend:
+    def _open_backend(self, graph: str, backend: str, device: str, threads: int) -> Backend:
+        spec = self.card.graphs[graph]
         if backend == "auto":
             try:
                 import onnxruntime  # noqa: F401
-                backend = "onnx" if self.graph.onnx else "torchscript"
+                backend = "onnx" if spec.onnx else "torchscript"
             except ImportError:
                 backend = "torchscript"
-        path = self.card.graph_path(self.card.inference_mode, backend)
+        path = self.card.graph_path(graph, backend)
         if backend == "onnx":
-            return OnnxRuntimeBackend(path, self.graph.inputs[0].name, [o.name for o in self.graph.outputs],
+            return OnnxRuntimeBackend(path, [i.name for i in spec.inputs], [o.name for o in spec.outputs],
                                       device=device, threads=threads)
         if backend == "torchscript":
             return TorchScriptBackend(path, device=device)
@@ -126,7 +147,11 @@ class Segmenter:
         for i, rgb in enumerate(frames):
             batch[i] = self.preprocess(rgb)
         t1 = time.perf_counter()
-        outputs = self.backend.run(batch)
+        refined = [0] * len(frames)
+        if self.mode == "whole":
+            outputs = self.backend.run([batch])
+        else:
+            outputs, refined[0] = self._run_coarse_to_fine(batch)
         t2 = time.perf_counter()
         results = []
         for i, rgb in enumerate(frames):
@@ -137,9 +162,27 @@ class Segmenter:
                 labels, confidence = _softmax_max_argmax(outputs[0][i].astype(np.float32, copy=False))
             if self.output_resolution == "input" and labels.shape != rgb.shape[:2]:
                 labels = cv2.resize(labels, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
-            results.append(SegmentResult(labels=labels, timings_ms={}, network_confidence=confidence))
+            results.append(SegmentResult(labels=labels, timings_ms={}, network_confidence=confidence,
+                                         windows_refined=refined[i]))
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
         for r in results:
             r.timings_ms = dict(timings)
         return results
+
+    def _run_coarse_to_fine(self, batch: np.ndarray) -> tuple[list[np.ndarray], int]:
+        """One frame (1,H,W,3) through the coarse graph and, where it is unsure, the refine graph.
+
+        The coarse graph scores every window on the device; only that short vector comes back
+        to pick the windows, which the refine graph then runs as one batch.
+        """
+        labels, confidence, coarse, fractions = self.backend.run([batch, np.array([self.theta], np.float32)])
+        if self.mode == "coarse":
+            return [labels, confidence], 0
+        windows = np.flatnonzero(fractions[0] < self.c_tau).astype(np.int64)
+        self.windows_total += fractions.shape[-1]
+        self.windows_refined += windows.size
+        if windows.size == 0:
+            return [labels, confidence], 0
+        labels, confidence = self.backends["refine"].run([batch, coarse, windows])
+        return [labels, confidence], int(windows.size)

@@ -164,12 +164,10 @@ class SegmentationMixin:
         """Read parameters, load and warm up the model, create publishers and the worker."""
         p = self.params = read_parameters(self)
         self.segmenter = Segmenter(p["model"], backend=p["backend"], device=p["device"],
-                                   output_resolution=p["output_resolution"], threads=p["threads"])
+                                   output_resolution=p["output_resolution"], threads=p["threads"],
+                                   inference_mode=p["inference_mode"] or None, theta=p["confidence_threshold"],
+                                   c_tau=p["refine_fraction"])
         card = self.segmenter.card
-        mode = p["inference_mode"] or card.inference_mode
-        if mode != card.inference_mode and mode not in card.graphs:
-            raise ValueError(f"inference_mode '{mode}' is not offered by model {card.name} "
-                             f"(it offers: {', '.join(card.graphs)})")
         self.lut = palette_lut(card.palette)
         # Warm-up outside the stream: the first real frame must not pay for lazy initialisation.
         self.segmenter.segment(np.zeros((*self.segmenter.network_size, 3), np.uint8))
@@ -407,7 +405,10 @@ class SegmentationMixin:
             inference_median_ms=f"{statistics.median(inference):.2f}" if inference else "nan",
             batch_mean=f"{statistics.mean(batches):.2f}" if batches else "nan",
             backend=f"{self.segmenter.backend.name}/{self.segmenter.backend.device}",
+            inference_mode=self.segmenter.mode,
         )
+        if self.segmenter.windows_total:
+            values["windows_refined_share"] = f"{self.segmenter.windows_refined / self.segmenter.windows_total:.3f}"
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()

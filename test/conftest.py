@@ -25,25 +25,38 @@ TINY_CONFIG = {
 }
 
 
-def make_tiny_weights(path: Path, seed: int = 0) -> "object":
-    """Random-initialised tiny VFMNet weights (LoRA B non-zero so merging matters)."""
+# The tiny model with an MGRNet refine head, for coarse-to-fine inference on 112×224 frames:
+# stage 1 at 56×112, 56-pixel windows every 35 pixels (3 × 6 = 18 windows, as the paper's 1024×2048).
+TINY_C2F_CONFIG = {
+    **TINY_CONFIG,
+    "name": "tiny_c2f_test",
+    "model": {**TINY_CONFIG["model"], "img_size": [56, 56],
+              "refine": {"dim": 16, "depth": 2, "heads": 2, "head_dim": 8, "ffn_dim": 32, "mask_channels": [8, 16],
+                         "dropout": 0.1, "window": 56}},
+    "inference": {"mode": "coarse_to_fine", "test_size": [112, 224], "coarse_size": [56, 112], "window": 56,
+                  "stride": 35, "theta": 0.9, "c_tau": 0.8},
+}
+
+
+def make_tiny_weights(path: Path, seed: int = 0, config: dict | None = None, sharpen: float = 200.0) -> "object":
+    """Random-initialised tiny VFMNet weights (LoRA B non-zero so merging matters); returns the config."""
     import torch
     from safetensors.torch import save_file
 
     from training.build import build_vfmnet
     from training.config import config_from_dict
 
-    cfg = config_from_dict(TINY_CONFIG)
+    cfg = config_from_dict(config or TINY_CONFIG)
     torch.manual_seed(seed)
     model = build_vfmnet(cfg.model)
     state = model.state_dict()
     for k, v in state.items():
         if "lora_B" in k:
             state[k] = torch.randn_like(v) * 0.05
-        elif k.startswith("head.classifier.weight"):
+        elif k in ("head.classifier.weight", "refine_head.classifier.weight"):
             # A sharp classifier: random-initialised logits are otherwise near-uniform and
             # the labels near-constant, which would let wrong outputs pass the tests.
-            state[k] = v * 200
+            state[k] = v * sharpen
     state = {k: v.contiguous() for k, v in state.items()}
     save_file(state, str(path))
     return cfg

@@ -26,11 +26,10 @@ from torch import nn
 from dgss_perception.card import write_card
 from dgss_perception.labels import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 
-from .backbones.lora import merge_lora
-from .build import build_vfmnet
 from .checkpoint import load_state_dict_file
 from .config import TrainConfig, load_config
-from .export_wrappers import SegmentationGraph
+from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph
+from .inference import model_at_size, window_grid
 
 GRAPH = "whole"
 
@@ -39,52 +38,32 @@ class ParityError(RuntimeError):
     """An exported graph that does not reproduce eager PyTorch."""
 
 
-def fit_state_to_model(state: dict[str, torch.Tensor], model: nn.Module,
-                       trained_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Resample absolute positional embeddings from the training grid to the model's (export at another size)."""
-    from timm.layers import resample_abs_pos_embed
-
-    own = model.state_dict()
-    state = dict(state)
-    for key, value in state.items():
-        if key.endswith("pos_embed") and key in own and own[key].shape != value.shape:
-            vit = model.get_submodule(key.rsplit(".", 1)[0])
-            prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
-            patch = vit.patch_embed.patch_size
-            old = [trained_size[0] // patch[0], trained_size[1] // patch[1]]
-            state[key] = resample_abs_pos_embed(value, new_size=list(vit.patch_embed.grid_size), old_size=old,
-                                                num_prefix_tokens=prefix, verbose=False)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the configured model: missing {missing[:8]} ({len(missing)}), "
-                         f"unexpected {unexpected[:8]} ({len(unexpected)})")
-    return state
-
-
 def load_export_model(cfg: TrainConfig, weights: Path, size: tuple[int, int]) -> nn.Module:
     """The trained model at ``size`` with LoRA merged into the backbone, in eval mode."""
-    model = build_vfmnet(cfg.model, img_size=size, with_lora=True, load_weights=False)
-    model.load_state_dict(fit_state_to_model(load_state_dict_file(weights), model, tuple(cfg.model.img_size)))
-    merge_lora(model)
-    return model.eval()
+    return model_at_size(cfg, load_state_dict_file(weights), size)
 
 
-def export_onnx(graph: nn.Module, example: torch.Tensor, path: Path, output_names: list[str], opset: int) -> None:
+def export_onnx(graph: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], path: Path,
+                output_names: list[str], opset: int, input_names: list[str] | None = None,
+                dynamic_shapes: dict[str, Any] | None = None) -> None:
+    """Export with the dynamo exporter (the TorchScript exporter rejects timm's pos-embed resize) and check."""
     import onnx
 
+    example = example if isinstance(example, tuple) else (example,)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph, (example,), dynamo=True, opset_version=opset,
-                                    input_names=["image"], output_names=output_names, verbose=False)
+        program = torch.onnx.export(graph, example, dynamo=True, opset_version=opset,
+                                    input_names=input_names or ["image"], output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, verbose=False)
     program.save(str(path))
     onnx.checker.check_model(str(path))
 
 
-def export_torchscript(graph: nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_torchscript(graph: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], path: Path) -> None:
+    example = example if isinstance(example, tuple) else (example,)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(graph, (example,), check_trace=False)
+        traced = torch.jit.trace(graph, example, check_trace=False)
     traced.save(str(path))
 
 
@@ -139,36 +118,189 @@ def tensor_specs(size: tuple[int, int], num_classes: int, output_kind: str, batc
     return inputs, outputs
 
 
+def _graph_files(out: Path, graph_name: str, module: nn.Module, example: tuple[torch.Tensor, ...],
+                 input_names: list[str], output_names: list[str], formats: tuple[str, ...], opset: int,
+                 dynamic_shapes: dict[str, Any] | None = None) -> tuple[str | None, str | None]:
+    """Write ``<graph_name>.onnx`` and/or ``.ts``; returns their file names (None where not asked for)."""
+    onnx_name = f"{graph_name}.onnx" if "onnx" in formats else None
+    ts_name = f"{graph_name}.ts" if "torchscript" in formats else None
+    if onnx_name:
+        export_onnx(module, example, out / onnx_name, output_names, opset, input_names, dynamic_shapes)
+    if ts_name:
+        export_torchscript(module, example, out / ts_name)
+    return onnx_name, ts_name
+
+
+def _run_exported(out: Path, onnx_name: str | None, ts_name: str | None, input_names: list[str],
+                  inputs: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Outputs of each exported file of one graph on the same inputs, keyed onnx / torchscript."""
+    results = {}
+    if onnx_name:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(out / onnx_name), providers=["CPUExecutionProvider"])
+        results["onnx"] = sess.run(None, dict(zip(input_names, inputs)))
+    if ts_name:
+        module = torch.jit.load(str(out / ts_name))
+        with torch.no_grad():
+            results["torchscript"] = [t.numpy() for t in module(*(torch.from_numpy(a) for a in inputs))]
+    return results
+
+
+def _export_whole(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int], output_kind: str,
+                  formats: tuple[str, ...], opset: int, atol: float, batch: int,
+                  seed: int) -> tuple[dict, dict, list[dict[str, Any]]]:
+    """One graph: the frame stretched to ``size`` through VFMNet (whole-image inference)."""
+    model = load_export_model(cfg, weights, size)
+    graph = SegmentationGraph(model, cfg.model.mean, cfg.model.std, output_kind).eval()
+    inputs, outputs = tensor_specs(size, cfg.model.num_classes, output_kind, batch)
+    example = torch.zeros((batch, *size, 3), dtype=torch.uint8)
+    onnx_name, ts_name = _graph_files(out, GRAPH, graph, (example,), ["image"], [o["name"] for o in outputs],
+                                      formats, opset)
+    parity = run_parity(graph, out / onnx_name if onnx_name else None, out / ts_name if ts_name else None,
+                        size, output_kind, atol, seed, batch)
+    graphs = {GRAPH: {"onnx": onnx_name, "torchscript": ts_name, "inputs": inputs, "outputs": outputs,
+                      "output_kind": output_kind}}
+    return graphs, {"mode": GRAPH, "params": {}}, parity
+
+
+def _export_coarse_to_fine(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int],
+                           formats: tuple[str, ...], opset: int, atol: float,
+                           seed: int) -> tuple[dict, dict, list[dict[str, Any]]]:
+    """Two graphs: VFMNet at the fixed coarse size with the window gate, and backbone + MGRNet on windows.
+
+    The frame size is fixed at export (the card's input size), so the window table is a constant.
+    """
+    if cfg.model.refine is None:
+        raise ValueError("coarse_to_fine export needs a model with a refine head (model.refine in the config)")
+    inf = cfg.inference
+    window, stride, coarse_size = cfg.model.refine.window, inf.stride, tuple(inf.coarse_size)
+    if inf.window != window:
+        raise ValueError(f"inference.window ({inf.window}) must equal model.refine.window ({window}), "
+                         "the window MGRNet was trained on")
+    if size[0] % 4 or size[1] % 4 or window % 4:
+        raise ValueError(f"the frame size {size} and window {window} must be multiples of 4")
+    windows = window_grid(size[0], size[1], window, stride)
+    state = load_state_dict_file(weights)
+    mean, std, n = cfg.model.mean, cfg.model.std, cfg.model.num_classes
+    coarse = CoarseGraph(model_at_size(cfg, state, coarse_size), mean, std, coarse_size, windows, window).eval()
+    refine = RefineGraph(model_at_size(cfg, state, (window, window)), mean, std, size, windows, window).eval()
+
+    h, w = size
+    image = torch.zeros((1, h, w, 3), dtype=torch.uint8)
+    theta = torch.tensor([inf.theta], dtype=torch.float32)
+    with torch.no_grad():
+        coarse_logits = coarse(image, theta)[2]
+    ch, cw = coarse_logits.shape[-2:]
+    image_spec = {"name": "image", "dtype": "uint8", "shape": [1, h, w, 3]}
+    labels_spec = [{"name": "labels", "dtype": "uint8", "shape": [1, h, w]},
+                   {"name": "confidence", "dtype": "float32", "shape": [1, h, w]}]
+    logits_spec = {"name": "coarse_logits", "dtype": "float32", "shape": [1, n, ch, cw]}
+    graphs = {
+        "coarse": {"inputs": [image_spec, {"name": "theta", "dtype": "float32", "shape": [1]}],
+                   "outputs": labels_spec + [logits_spec, {"name": "window_confident", "dtype": "float32",
+                                                           "shape": [1, len(windows)]}],
+                   "output_kind": "labels_confidence"},
+        # K, the number of windows to refine, is chosen per frame: -1 marks the dynamic size.
+        "refine": {"inputs": [image_spec, logits_spec, {"name": "windows", "dtype": "int64", "shape": [-1]}],
+                   "outputs": labels_spec, "output_kind": "labels_confidence"},
+    }
+    from torch.export import Dim
+
+    examples = {"coarse": (image, theta), "refine": (image, coarse_logits, torch.arange(min(2, len(windows))))}
+    dynamic = {"coarse": None,
+               "refine": {"image": None, "coarse": None, "windows": {0: Dim("windows", min=1, max=len(windows))}}}
+    for name, module in (("coarse", coarse), ("refine", refine)):
+        spec = graphs[name]
+        spec["onnx"], spec["torchscript"] = _graph_files(
+            out, name, module, examples[name], [i["name"] for i in spec["inputs"]],
+            [o["name"] for o in spec["outputs"]], formats, opset, dynamic[name])
+
+    parity = _coarse_to_fine_parity(coarse, refine, out, graphs, size, len(windows), atol, seed)
+    params = {"theta": inf.theta, "c_tau": inf.c_tau, "window": window, "stride": stride,
+              "coarse_size": list(coarse_size), "windows": [list(c) for c in windows]}
+    return graphs, {"mode": "coarse_to_fine", "params": params}, parity
+
+
+def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, graphs: dict,
+                           size: tuple[int, int], num_windows: int, atol: float, seed: int) -> list[dict[str, Any]]:
+    """Both exported graphs against eager PyTorch on a random frame; the refine graph on several window sets."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, size=(1, *size, 3), dtype=np.uint8)
+    theta = np.array([0.5], np.float32)
+    with torch.no_grad():
+        ref = [t.numpy() for t in coarse(torch.from_numpy(image), torch.from_numpy(theta))]
+        full = torch.nn.functional.interpolate(torch.from_numpy(ref[2]), size=size, mode="bilinear",
+                                               align_corners=False)
+        probs = torch.softmax(full, dim=1).numpy()
+    results = []
+    names = [i["name"] for i in graphs["coarse"]["inputs"]]
+    spec = graphs["coarse"]
+    for kind, got in _run_exported(out, spec["onnx"], spec["torchscript"], names, [image, theta]).items():
+        r = compare(f"coarse/{kind}", got, ref, probs, "labels_confidence", atol)
+        r["coarse_logits_max_abs_diff"] = float(np.abs(got[2] - ref[2]).max())
+        # A pixel whose confidence sits on θ may flip; allow a handful per window.
+        r["window_confident_max_abs_diff"] = float(np.abs(got[3] - ref[3]).max())
+        r["ok"] = bool(r["ok"] and r["coarse_logits_max_abs_diff"] <= atol * max(1.0, float(np.abs(ref[2]).max()))
+                       and r["window_confident_max_abs_diff"] <= 1e-3)
+        results.append(r)
+    spec = graphs["refine"]
+    names = [i["name"] for i in spec["inputs"]]
+    subsets = [np.arange(num_windows), np.sort(rng.choice(num_windows, size=max(1, num_windows // 3), replace=False))]
+    for subset in subsets:
+        windows = subset.astype(np.int64)
+        feeds = [image, ref[2], windows]
+        with torch.no_grad():
+            args = [torch.from_numpy(a) for a in feeds]
+            want = [t.numpy() for t in refine(*args)]
+            probs = torch.softmax(refine.logits(*args), dim=1).numpy()
+        for kind, got in _run_exported(out, spec["onnx"], spec["torchscript"], names, feeds).items():
+            r = compare(f"refine/{kind}", got, want, probs, "labels_confidence", atol)
+            r["windows"] = windows.tolist()
+            results.append(r)
+    for r in results:
+        r["seed"] = seed
+    return results
+
+
 def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int] | None = None,
                    output_kind: str = "labels_confidence", formats: tuple[str, ...] = ("onnx", "torchscript"),
                    opset: int = 18, atol: float = 1e-4, overwrite: bool = False, name: str | None = None,
-                   batch: int = 1) -> dict:
+                   batch: int = 1, mode: str | None = None) -> dict:
     """Write a model package to ``out``; raise ParityError when a graph disagrees with eager PyTorch.
 
-    ``batch`` fixes the graphs' batch size: a node serving several cameras runs up to that many
-    frames in one inference.
+    Args:
+        size: the graphs' input (H, W): the network size for ``whole`` (default the training size),
+            the working frame size for ``coarse_to_fine`` (default the config's test size, else
+            twice the coarse size: 1024×2048 for the paper's 512×1024).
+        mode: ``whole`` or ``coarse_to_fine`` (default: coarse_to_fine when the model has a refine head).
+        batch: the graphs' fixed batch size (``whole`` only): a node serving several cameras runs up
+            to that many frames in one inference.
     """
-    if batch < 1:
-        raise ValueError(f"batch must be ≥ 1, got {batch}")
-    size = tuple(size or cfg.model.img_size)
+    mode = mode or ("coarse_to_fine" if cfg.model.refine is not None else "whole")
+    if mode not in ("whole", "coarse_to_fine"):
+        raise ValueError(f"export mode must be whole or coarse_to_fine, got {mode!r}")
+    if batch < 1 or (mode != "whole" and batch != 1):
+        raise ValueError(f"batch must be ≥ 1 (and 1 for {mode}), got {batch}")
+    if mode != "whole" and output_kind != "labels_confidence":
+        raise ValueError(f"{mode} graphs output labels and confidence, not {output_kind}")
+    if size is None:
+        if mode == "whole":
+            size = tuple(cfg.model.img_size)
+        else:
+            size = tuple(cfg.inference.test_size or [2 * s for s in cfg.inference.coarse_size])
+    size = (int(size[0]), int(size[1]))
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    model = load_export_model(cfg, weights, size)
-    graph = SegmentationGraph(model, cfg.model.mean, cfg.model.std, output_kind).eval()
-    inputs, outputs = tensor_specs(size, cfg.model.num_classes, output_kind, batch)
-    example = torch.zeros((batch, *size, 3), dtype=torch.uint8)
-    onnx_name = f"{GRAPH}.onnx" if "onnx" in formats else None
-    ts_name = f"{GRAPH}.ts" if "torchscript" in formats else None
-    if onnx_name:
-        export_onnx(graph, example, out / onnx_name, [o["name"] for o in outputs], opset)
-    if ts_name:
-        export_torchscript(graph, example, out / ts_name)
     seed = int.from_bytes(os.urandom(4), "little")
-    parity = run_parity(graph, out / onnx_name if onnx_name else None, out / ts_name if ts_name else None,
-                        size, output_kind, atol, seed, batch)
+    if mode == "whole":
+        graphs, inference, parity = _export_whole(cfg, weights, out, size, output_kind, formats, opset, atol, batch,
+                                                  seed)
+    else:
+        graphs, inference, parity = _export_coarse_to_fine(cfg, weights, out, size, formats, opset, atol, seed)
 
     import onnx
     import timm
@@ -186,9 +318,8 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         "input": {"height": size[0], "width": size[1], "channel_order": "RGB", "layout": "NHWC",
                   "dtype": "uint8", "resize": "stretch", "normalization": "in_graph",
                   "mean": list(cfg.model.mean), "std": list(cfg.model.std)},
-        "inference": {"mode": GRAPH, "params": {}},
-        "graphs": {GRAPH: {"onnx": onnx_name, "torchscript": ts_name, "inputs": inputs, "outputs": outputs,
-                           "output_kind": output_kind}},
+        "inference": inference,
+        "graphs": graphs,
         "precision": "fp32",
         "export": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
@@ -211,10 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="training config (default <run>/config.yaml)")
     parser.add_argument("--weights", help="weights file (default <run>/model.safetensors)")
     parser.add_argument("--out", required=True, help="model package directory to write")
-    parser.add_argument("--height", type=int, help="export input height (default: training size)")
-    parser.add_argument("--width", type=int, help="export input width (default: training size)")
+    parser.add_argument("--height", type=int, help="graph input height: the network size for whole (default: "
+                        "training size), the working frame size for coarse_to_fine (default: inference.test_size)")
+    parser.add_argument("--width", type=int, help="graph input width (see --height)")
     parser.add_argument("--output-kind", choices=("labels_confidence", "logits"), default="labels_confidence")
     parser.add_argument("--formats", default="onnx,torchscript", help="comma list of onnx, torchscript")
+    parser.add_argument("--mode", choices=("whole", "coarse_to_fine"),
+                        help="graphs to export (default: coarse_to_fine for a model with a refine head, else whole)")
     parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the graphs (cameras per inference)")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance")
@@ -226,12 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config or Path(args.run) / "config.yaml")
         weights = Path(args.weights or Path(args.run) / "model.safetensors")
-        size = (args.height or cfg.model.img_size[0], args.width or cfg.model.img_size[1])
+        size = (args.height, args.width) if args.height and args.width else None
+        if (args.height is None) != (args.width is None):
+            parser.error("give both --height and --width, or neither")
         formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
         if not formats or set(formats) - {"onnx", "torchscript"}:
             parser.error(f"--formats must list onnx and/or torchscript, got {args.formats!r}")
         card = export_package(cfg, weights, Path(args.out), size, args.output_kind, formats, args.opset,
-                              args.atol, args.overwrite, args.name, args.batch)
+                              args.atol, args.overwrite, args.name, args.batch, args.mode)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -241,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in card["export"]["parity"]:
         print(f"parity {r['graph']}: max abs diff {r['max_abs_diff']:.3g} "
               f"({'ok' if r['ok'] else 'FAILED'})")
-    print(f"wrote {args.out}: {json.dumps(card['graphs'][GRAPH])}")
+    print(f"wrote {args.out}: mode {card['inference']['mode']}, graphs {', '.join(card['graphs'])}, "
+          f"input {card['input']['height']}x{card['input']['width']}")
     return 0
 
 

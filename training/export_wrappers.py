@@ -35,3 +35,96 @@ class SegmentationGraph(nn.Module):
             return (logits,)
         confidence, labels = torch.softmax(logits, dim=1).max(dim=1)
         return labels.to(torch.uint8), confidence
+
+
+def _window_tables(windows: list[tuple[int, int]], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column offsets of every window as int64 (nwin, window) tables."""
+    span = torch.arange(window, dtype=torch.int64)
+    ys = torch.tensor([y for y, _ in windows], dtype=torch.int64)[:, None] + span
+    xs = torch.tensor([x for _, x in windows], dtype=torch.int64)[:, None] + span
+    return ys, xs
+
+
+class CoarseGraph(nn.Module):
+    """VFMSeg stage 1 for the runtime, with the window gate computed in the graph.
+
+    uint8 (1,H,W,3) RGB frame at the working size and θ float32 (1,) →
+    labels uint8 (1,H,W), max softmax float32 (1,H,W), stage-1 logits (1,C,h,w) and each
+    window's share of pixels with max softmax > θ, float32 (1,nwin).
+    """
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 coarse_size: tuple[int, int], windows: list[tuple[int, int]], window: int) -> None:
+        super().__init__()
+        self.model = model
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.coarse_size = tuple(coarse_size)
+        self.windows = [tuple(w) for w in windows]
+        self.window = window
+
+    def forward(self, image: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = normalize(image.permute(0, 3, 1, 2).float(), self.mean, self.std)
+        size = x.shape[-2:]
+        coarse = self.model.coarse(F.interpolate(x, size=self.coarse_size, mode="bilinear", align_corners=False))
+        full = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+        confidence, labels = torch.softmax(full, dim=1).max(dim=1)
+        confident = (confidence > theta).float()
+        w = self.window
+        # A fixed, small set of windows: unrolled slices keep the graph free of loops.
+        fractions = torch.stack([confident[:, y:y + w, x:x + w].mean(dim=(1, 2)) for y, x in self.windows], dim=1)
+        return labels.to(torch.uint8), confidence, coarse, fractions
+
+
+class RefineGraph(nn.Module):
+    """VFMSeg stage 2 for the runtime: the selected windows through backbone + MGRNet in one batch.
+
+    uint8 (1,H,W,3) frame, stage-1 logits (1,C,h,w) from :class:`CoarseGraph` and the indices
+    of the windows to refine, int64 (K,) with K ≥ 1 → labels uint8 (1,H,W) and max softmax
+    float32 (1,H,W) of the overlap-averaged logits, where an unrefined window contributes
+    the coarse logits.
+    """
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 frame_size: tuple[int, int], windows: list[tuple[int, int]], window: int) -> None:
+        super().__init__()
+        self.model = model
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.frame_size = tuple(frame_size)
+        self.window = window
+        rows, cols = _window_tables(windows, window)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        qrows, qcols = _window_tables([(y // 4, x // 4) for y, x in windows], window // 4)
+        self.register_buffer("qrows", qrows, persistent=False)
+        self.register_buffer("qcols", qcols, persistent=False)
+        count = torch.zeros(1, 1, *frame_size)
+        for y, x in windows:
+            count[..., y:y + window, x:x + window] += 1
+        self.register_buffer("count", count, persistent=False)
+
+    def forward(self, image: torch.Tensor, coarse: torch.Tensor,
+                windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        confidence, labels = torch.softmax(self.logits(image, coarse, windows), dim=1).max(dim=1)
+        return labels.to(torch.uint8), confidence
+
+    def logits(self, image: torch.Tensor, coarse: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """The overlap-averaged logits (1,C,H,W) that :meth:`forward` reduces to labels."""
+        height, width = self.frame_size
+        x = normalize(image.permute(0, 3, 1, 2).float(), self.mean, self.std)[0]  # (3,H,W)
+        full = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
+        quarter = F.interpolate(coarse, size=(height // 4, width // 4), mode="bilinear", align_corners=False)[0]
+        rows, cols = self.rows[windows], self.cols[windows]  # (K, w)
+        qrows, qcols = self.qrows[windows], self.qcols[windows]
+        # Gather the K windows by index: (C, K, w, w) → (K, C, w, w).
+        crops = x[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+        context = quarter[:, qrows[:, :, None], qcols[:, None, :]].permute(1, 0, 2, 3)
+        base = full[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+        refined = F.interpolate(self.model.refine(crops, context), size=(self.window, self.window),
+                                mode="bilinear", align_corners=False)
+        # Average over overlaps: coarse everywhere, plus each refined window's change, summed in place.
+        delta = (refined - base).permute(1, 0, 2, 3).reshape(full.shape[0], -1)
+        flat = (rows[:, :, None] * width + cols[:, None, :]).reshape(-1)
+        change = torch.zeros_like(full).reshape(full.shape[0], -1).index_add(1, flat, delta)
+        return full[None] + change.reshape(1, *full.shape) / self.count

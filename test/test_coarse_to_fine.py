@@ -1,0 +1,147 @@
+"""Coarse-to-fine inference: the exported two-graph runtime against the plain PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_C2F_CONFIG, make_tiny_weights
+from dgss_perception.card import CardError, load_card
+from dgss_perception.engine import Segmenter
+from training.checkpoint import load_state_dict_file
+from training.export import export_package
+from training.inference import Predictor, window_grid
+
+FRAME = (112, 224)
+
+
+@pytest.fixture(scope="module")
+def c2f(tmp_path_factory):
+    """(config, weights path, exported coarse-to-fine package) for the tiny VFMNet + MGRNet."""
+    work = tmp_path_factory.mktemp("c2f")
+    cfg = make_tiny_weights(work / "weights.safetensors", seed=3, config=TINY_C2F_CONFIG, sharpen=20.0)
+    card = export_package(cfg, work / "weights.safetensors", work / "package")
+    assert card["inference"]["mode"] == "coarse_to_fine"
+    return cfg, work / "weights.safetensors", work / "package"
+
+
+def frames(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Smooth random frames (blobs of colour), so labels and confidence vary over the image."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        small = rng.integers(0, 256, size=(7, 14, 3), dtype=np.uint8)
+        big = torch.nn.functional.interpolate(torch.from_numpy(small).permute(2, 0, 1)[None].float(), size=FRAME,
+                                              mode="bilinear", align_corners=False)
+        noise = rng.normal(0, 12, size=(*FRAME, 3))
+        out.append(np.clip(big[0].permute(1, 2, 0).numpy() + noise, 0, 255).astype(np.uint8))
+    return out
+
+
+def test_window_grid_is_flush_with_the_border():
+    columns = (0, 320, 640, 960, 1280, 1536)
+    assert window_grid(1024, 2048, 512, 320) == [(y, x) for y in (0, 320, 512) for x in columns]
+    assert window_grid(112, 224, 56, 35)[-1] == (56, 168)
+    assert window_grid(56, 56, 56, 35) == [(0, 0)]
+    with pytest.raises(ValueError, match="smaller than"):
+        window_grid(40, 100, 56, 35)
+
+
+def test_card_and_parity(c2f):
+    _, _, package = c2f
+    card = load_card(package)
+    assert card.available_modes == ("coarse", "coarse_to_fine")
+    assert (card.input_height, card.input_width) == FRAME
+    assert card.inference_params["windows"] == [list(w) for w in window_grid(*FRAME, 56, 35)]
+    parity = card.export["parity"]
+    assert {r["graph"] for r in parity} == {"coarse/onnx", "coarse/torchscript", "refine/onnx", "refine/torchscript"}
+    assert all(r["ok"] for r in parity)
+    # A package whose window table does not fit its frame is refused.
+    data = json.loads((package / "card.json").read_text())
+    data["inference"]["params"]["windows"].append([100, 0])
+    bad = package.parent / "bad"
+    bad.mkdir(exist_ok=True)
+    for f in package.iterdir():
+        if f.name != "card.json":
+            (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "card.json").write_text(json.dumps(data))
+    with pytest.raises(CardError, match="windows"):
+        load_card(bad)
+
+
+def split_between(values: np.ndarray, gap: float) -> float:
+    """A threshold near the median of ``values`` that no value comes within ``gap`` of.
+
+    Thresholds on a value itself would let float rounding (1e-7 between graph and reference)
+    flip a pixel or a window and make the comparison meaningless.
+    """
+    v = np.unique(values)
+    order = np.argsort(np.abs(np.arange(len(v) - 1) - (len(v) - 1) / 2))
+    for i in order:
+        if v[i + 1] - v[i] > 2 * gap:
+            return float((v[i] + v[i + 1]) / 2)
+    raise AssertionError("no threshold separates the values")
+
+
+def gate(package, frame: np.ndarray) -> tuple[float, float]:
+    """θ and C_τ that send about half of this frame's windows to the refine graph."""
+    engine = Segmenter(package, backend="onnx", inference_mode="coarse")
+    confidence = engine.segment(frame).network_confidence
+    theta = split_between(confidence.ravel(), 1e-5)
+    windows = window_grid(*FRAME, 56, 35)
+    fractions = np.array([(confidence[y:y + 56, x:x + 56] > theta).mean() for y, x in windows])
+    return theta, split_between(fractions, 1e-3)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_runtime_matches_reference(c2f, backend):
+    """Batched windows gated in the graph give the labels of the plain per-window loop."""
+    cfg, weights, package = c2f
+    state = load_state_dict_file(weights)
+    for i, frame in enumerate(frames(3, seed=11)):
+        theta, c_tau = gate(package, frame)
+        engine = Segmenter(package, backend=backend, theta=theta, c_tau=c_tau)
+        assert engine.mode == "coarse_to_fine"
+        result = engine.segment(frame)
+        reference = Predictor(cfg, state, mode="coarse_to_fine", theta=theta, c_tau=c_tau)
+        labels, confidence = reference.predict(frame)
+        assert 0 < result.windows_refined < 18, "the gate should refine some windows and keep others"
+        assert result.windows_refined == reference.windows_refined
+        assert np.abs(result.confidence - confidence).max() < 1e-4
+        # Labels may differ only where the top two classes tie (float summation order).
+        assert (result.labels != labels).mean() < 1e-3, f"frame {i}"
+        coarse_only = Segmenter(package, backend=backend, inference_mode="coarse").segment(frame)
+        assert (coarse_only.labels != result.labels).any(), "refinement changed nothing: the test proves little"
+
+
+def test_gate_extremes(c2f):
+    """C_τ = 0 never refines (stage 1 alone); C_τ = 1 with θ near 1 refines every window."""
+    cfg, weights, package = c2f
+    frame = frames(1, seed=5)[0]
+    coarse = Segmenter(package, backend="onnx", inference_mode="coarse").segment(frame)
+    none = Segmenter(package, backend="onnx", c_tau=0.0).segment(frame)
+    assert none.windows_refined == 0 and np.array_equal(none.labels, coarse.labels)
+    every = Segmenter(package, backend="onnx", theta=0.999999, c_tau=1.0).segment(frame)
+    assert every.windows_refined == 18
+    reference = Predictor(cfg, load_state_dict_file(weights), mode="coarse_to_fine", theta=0.999999, c_tau=1.0)
+    labels, _ = reference.predict(frame)
+    assert (every.labels != labels).mean() < 1e-3
+
+
+def test_reference_coarse_mode_matches_the_coarse_graph(c2f):
+    cfg, weights, package = c2f
+    frame = frames(1, seed=8)[0]
+    labels, confidence = Predictor(cfg, load_state_dict_file(weights), mode="coarse").predict(frame)
+    result = Segmenter(package, backend="onnx", inference_mode="coarse").segment(frame)
+    assert np.abs(result.confidence - confidence).max() < 1e-4
+    assert (result.labels != labels).mean() < 1e-3
+
+
+def test_mode_not_offered_is_refused(c2f, tiny_model_dir):
+    with pytest.raises(CardError, match="not offered"):
+        Segmenter(tiny_model_dir, inference_mode="coarse_to_fine")
+    with pytest.raises(CardError, match="not offered"):
+        Segmenter(c2f[2], inference_mode="whole")
