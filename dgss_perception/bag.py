@@ -16,14 +16,26 @@ A label message is a mono8 ``sensor_msgs/msg/Image`` of Cityscapes trainIds
 header unchanged, written at the input message's bag timestamp. A label topic
 that already exists in the bag, or two image topics that map to the same label
 topic, is an error raised before anything is written.
+
+Evaluation against ground truth (``gt_topics``): a ground-truth topic holds mono8
+``sensor_msgs/msg/Image`` trainIds (255 = ignore). It is copied like any other
+topic but never segmented. A segmented frame is paired with the ground-truth
+message of the same header stamp (exact match, in whatever order the two were
+recorded); frames without one count as unmatched, ground truth of another size
+or encoding as mismatched, and the confusion matrix, mIoU, per-class IoU and
+pixel accuracy are reported per image topic (:meth:`BagReport.evaluation_dict`).
+Only frames whose stamp occurs on the ground-truth topic are held in memory
+until their partner arrives; a ground-truth message waits for its frame the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +51,8 @@ import yaml
 
 from .codec import FrameError, compressed_to_rgb, encode_image_fields, encode_jpeg, image_to_rgb
 from .engine import BACKENDS, DEVICES
+from .labels import CITYSCAPES_CLASSES, IGNORE_INDEX
+from .metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 if TYPE_CHECKING:
     from rosbags.typesys.store import Typestore
@@ -58,6 +72,10 @@ BAG_VERSION = 8
 # How many per-frame failure reasons a report keeps (the counts are always complete).
 MAX_ERRORS_KEPT = 50
 
+# Ground-truth label encodings: one byte per pixel holding a trainId.
+GT_ENCODINGS = ("mono8", "8uc1")
+EVAL_COUNTS = ("frames", "matched", "unmatched", "mismatched", "gt_unused")
+
 
 def _typestore() -> Typestore:
     # Humble is the oldest distribution supported. Image, CompressedImage,
@@ -71,6 +89,49 @@ class BagError(ValueError):
     """A bag that cannot be processed as asked; the message says why."""
 
 
+def _json_float(value: float) -> float | None:
+    """NaN (an undefined score) as JSON null."""
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def metrics_dict(conf: np.ndarray, classes: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """mIoU, pixel accuracy, labelled pixels, IoU per class name and the confusion matrix (rows: ground truth).
+
+    Scores are fractions in [0, 1]; a class absent from both ground truth and prediction has IoU
+    None and is left out of the mean (as :func:`dgss_perception.metrics.mean_iou`).
+    """
+    ious = iou_per_class(conf)
+    return {"miou": _json_float(mean_iou(conf)), "pixel_accuracy": _json_float(pixel_accuracy(conf)),
+            "pixels": int(conf.sum()), "iou": {name: _json_float(v) for name, v in zip(classes, ious)},
+            "confusion": np.asarray(conf, dtype=np.int64).tolist()}
+
+
+@dataclass
+class TopicEvaluation:
+    """Ground-truth evaluation of one image topic's labels."""
+
+    gt_topic: str
+    confusion: np.ndarray
+    matched: int = 0  # frames compared with their ground truth
+    unmatched: int = 0  # segmented frames without a ground-truth message of the same stamp
+    mismatched: int = 0  # frames whose ground truth could not be compared (other size, not mono8, malformed)
+    gt_unused: int = 0  # ground-truth messages no segmented frame took (no such frame, or unreadable)
+    issues: list[str] = field(default_factory=list)
+
+    @property
+    def frames(self) -> int:
+        return self.matched + self.unmatched + self.mismatched
+
+    def note(self, text: str) -> None:
+        if len(self.issues) < MAX_ERRORS_KEPT:
+            self.issues.append(text)
+
+    def counts(self) -> dict[str, int]:
+        return {"frames": self.frames, "matched": self.matched, "unmatched": self.unmatched,
+                "mismatched": self.mismatched, "gt_unused": self.gt_unused}
+
+
 @dataclass
 class BagReport:
     """What :func:`process_bag` did."""
@@ -82,6 +143,8 @@ class BagReport:
     frames_segmented: dict[str, int] = field(default_factory=dict)
     frames_failed: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    evaluation: dict[str, TopicEvaluation] = field(default_factory=dict)  # image topic → its ground-truth scores
+    classes: tuple[str, ...] = CITYSCAPES_CLASSES
 
     @property
     def total_segmented(self) -> int:
@@ -100,7 +163,35 @@ class BagReport:
         lines.extend(f"  skipped: {e}" for e in self.errors[:5])
         if len(self.errors) > 5:
             lines.append(f"  ... and {self.total_failed - 5} more skipped frames")
+        for image_topic, ev in self.evaluation.items():
+            lines.append(f"  eval {image_topic} vs {ev.gt_topic}: {self._scores(ev.confusion)} over {ev.matched} "
+                         f"matched frames ({ev.unmatched} without ground truth, {ev.mismatched} mismatched, "
+                         f"{ev.gt_unused} ground-truth messages unused)")
+            lines.extend(f"    {issue}" for issue in ev.issues[:3])
+        if len(self.evaluation) > 1:
+            lines.append(f"  eval overall: {self._scores(self._overall())}")
         return "\n".join(lines)
+
+    @staticmethod
+    def _scores(conf: np.ndarray) -> str:
+        miou, acc = mean_iou(conf), pixel_accuracy(conf)
+        return (f"mIoU {100 * miou:.2f} %" if np.isfinite(miou) else "mIoU n/a") + (
+            f", pixel accuracy {100 * acc:.2f} %" if np.isfinite(acc) else "")
+
+    def _overall(self) -> np.ndarray:
+        return sum((ev.confusion for ev in self.evaluation.values()),
+                   np.zeros((len(self.classes),) * 2, dtype=np.int64))
+
+    def evaluation_dict(self) -> dict[str, Any] | None:
+        """The ground-truth evaluation as JSON-ready data (None when no ground truth was given)."""
+        if not self.evaluation:
+            return None
+        topics = {topic: {"gt_topic": ev.gt_topic, **ev.counts(), **metrics_dict(ev.confusion, self.classes),
+                          "issues": list(ev.issues)}
+                  for topic, ev in self.evaluation.items()}
+        totals = {k: sum(ev.counts()[k] for ev in self.evaluation.values()) for k in EVAL_COUNTS}
+        return {"output": str(self.output_path), "classes": list(self.classes), "ignore_index": IGNORE_INDEX,
+                "topics": topics, "overall": {**totals, **metrics_dict(self._overall(), self.classes)}}
 
 
 def label_topic_for(image_topic: str) -> str:
@@ -133,6 +224,159 @@ def plan_label_topics(topic_types: dict[str, str], topics: list[str] | None = No
         owners[label] = topic
         plan[topic] = label
     return plan
+
+
+def plan_ground_truth(topic_types: dict[str, str], topics: list[str] | None,
+                      gt_topics: str | Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(image topic → label topic, image topic → ground-truth topic) for a bag's ``{topic: type}``.
+
+    ``gt_topics`` is one ground-truth topic (for a bag with exactly one image topic to segment)
+    or image topic → ground-truth topic pairs. Ground-truth topics are never segmented.
+
+    Raises:
+        BagError: a ground-truth topic missing or not an Image, one paired twice, also selected as
+            an image topic, or a pairing that does not name a segmented image topic.
+    """
+    if not gt_topics:
+        return plan_label_topics(topic_types, topics), {}
+    named = [gt_topics] if isinstance(gt_topics, str) else list(gt_topics.values())
+    for gt in named:
+        if gt not in topic_types:
+            raise BagError(f"ground-truth topic {gt} is not in the bag")
+        if topic_types[gt] != IMAGE_TYPE:
+            raise BagError(f"ground-truth topic {gt} has type {topic_types[gt]}, not {IMAGE_TYPE} (mono8 trainIds)")
+        if named.count(gt) > 1:
+            raise BagError(f"ground-truth topic {gt} is paired with several image topics")
+        if topics and gt in topics:
+            raise BagError(f"topic {gt} is selected as an image topic (--topics) and given as ground truth")
+    # Ground-truth topics are images too, but references rather than inputs: left out of the default selection.
+    plan = plan_label_topics({t: typ for t, typ in topic_types.items() if t not in named}, topics)
+    for image_topic, label_topic in plan.items():
+        if label_topic in topic_types:
+            raise BagError(f"label topic {label_topic} for {image_topic} already exists in the bag")
+    if isinstance(gt_topics, str):
+        if len(plan) != 1:
+            raise BagError(f"ground-truth topic {gt_topics} without an image topic needs exactly one image topic "
+                           f"to segment, found {len(plan)} ({', '.join(plan) or 'none'}); give IMAGE_TOPIC=GT_TOPIC "
+                           f"pairs or select one image topic with --topics")
+        return plan, {next(iter(plan)): gt_topics}
+    for image_topic, gt in gt_topics.items():
+        if image_topic not in plan:
+            raise BagError(f"image topic {image_topic} (paired with ground truth {gt}) is not among the segmented "
+                           f"image topics ({', '.join(plan) or 'none'})")
+    return plan, dict(gt_topics)
+
+
+def parse_gt_topics(values: list[str]) -> str | dict[str, str]:
+    """Command-line ground-truth topics: one ``GT_TOPIC``, or ``IMAGE_TOPIC=GT_TOPIC`` pairs."""
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    pairs: dict[str, str] = {}
+    for value in values:
+        image_topic, sep, gt = value.partition("=")
+        if not sep or not image_topic or not gt:
+            raise BagError(f"--gt-topic {value!r}: with several ground-truth topics each must be IMAGE_TOPIC=GT_TOPIC")
+        if image_topic in pairs:
+            raise BagError(f"--gt-topic names image topic {image_topic} twice")
+        pairs[image_topic] = gt
+    return pairs
+
+
+def _stamp_ns(header: Any) -> int:
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+def _stamp_text(stamp_ns: int) -> str:
+    return f"{stamp_ns // 1_000_000_000}.{stamp_ns % 1_000_000_000:09d}"
+
+
+def _decode_gt(typestore: Typestore, raw: bytes | memoryview) -> tuple[int | None, np.ndarray | str]:
+    """(header stamp in ns or None if unreadable, trainIds H×W or the reason they are unusable)."""
+    try:
+        msg = typestore.deserialize_cdr(raw, IMAGE_TYPE)
+    except Exception as exc:  # truncated or corrupt CDR surfaces as assorted struct/index errors
+        return None, f"cannot deserialize: {exc}"
+    stamp = _stamp_ns(msg.header)
+    if str(msg.encoding).lower() not in GT_ENCODINGS:
+        return stamp, f"encoding {msg.encoding!r}, expected mono8 trainIds"
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if step < w or len(msg.data) < h * step:
+        return stamp, f"malformed mono8 image ({w}x{h}, step {step}, {len(msg.data)} bytes)"
+    return stamp, np.asarray(msg.data, dtype=np.uint8)[: h * step].reshape(h, step)[:, :w].copy()
+
+
+class _GroundTruthMatcher:
+    """Pairs segmented frames with ground-truth messages of the same header stamp, in either order."""
+
+    def __init__(self, gt_of: dict[str, str], expected: dict[str, Counter[int]], classes: tuple[str, ...],
+                 evaluation: dict[str, TopicEvaluation]) -> None:
+        self.image_of = {gt: image for image, gt in gt_of.items()}
+        self.expected = expected  # ground-truth topic → stamps still to come (from a first pass)
+        self.num_classes = len(classes)
+        self.evaluation = evaluation
+        for image, gt in gt_of.items():
+            evaluation[image] = TopicEvaluation(gt, np.zeros((self.num_classes,) * 2, dtype=np.int64))
+        self.frames: dict[tuple[str, int], deque[np.ndarray]] = {}
+        self.truths: dict[tuple[str, int], deque[np.ndarray | str]] = {}
+
+    def frame(self, image_topic: str, stamp: int, labels: np.ndarray) -> None:
+        ev = self.evaluation[image_topic]
+        waiting = self.truths.get((image_topic, stamp))
+        if waiting:
+            self._compare(ev, stamp, labels, waiting.popleft())
+        elif self.expected[ev.gt_topic][stamp] > 0:
+            # A copy: the engine may hand out a buffer it reuses for the next frame.
+            self.frames.setdefault((image_topic, stamp), deque()).append(labels.copy())
+        else:
+            ev.unmatched += 1
+
+    def truth(self, gt_topic: str, timestamp: int, raw: bytes | memoryview, typestore: Typestore) -> None:
+        image_topic = self.image_of[gt_topic]
+        ev = self.evaluation[image_topic]
+        stamp, gt = _decode_gt(typestore, raw)
+        if stamp is None:
+            ev.gt_unused += 1
+            ev.note(f"{gt_topic} @ bag time {timestamp}: {gt}")
+            return
+        self.expected[gt_topic][stamp] -= 1
+        waiting = self.frames.get((image_topic, stamp))
+        if waiting:
+            self._compare(ev, stamp, waiting.popleft(), gt)
+        else:
+            self.truths.setdefault((image_topic, stamp), deque()).append(gt)
+
+    def _compare(self, ev: TopicEvaluation, stamp: int, labels: np.ndarray, gt: np.ndarray | str) -> None:
+        if isinstance(gt, str):
+            ev.mismatched += 1
+            ev.note(f"{ev.gt_topic} stamp {_stamp_text(stamp)}: {gt}")
+        elif gt.shape != labels.shape:
+            ev.mismatched += 1
+            ev.note(f"{ev.gt_topic} stamp {_stamp_text(stamp)}: ground truth is {gt.shape[1]}x{gt.shape[0]}, "
+                    f"the frame {labels.shape[1]}x{labels.shape[0]}")
+        else:
+            ev.confusion += confusion_matrix(labels, gt, self.num_classes)
+            ev.matched += 1
+
+    def finish(self) -> None:
+        """Count what never found its partner."""
+        for (image_topic, _), left in self.frames.items():
+            self.evaluation[image_topic].unmatched += len(left)
+        for (image_topic, _), left in self.truths.items():
+            self.evaluation[image_topic].gt_unused += len(left)
+        self.frames.clear()
+        self.truths.clear()
+
+
+def _expected_stamps(reader: Reader, typestore: Typestore, gt_of: dict[str, str]) -> dict[str, Counter[int]]:
+    """Header stamps per ground-truth topic, read ahead so only frames that will find a partner are kept."""
+    expected: dict[str, Counter[int]] = {gt: Counter() for gt in gt_of.values()}
+    conns = [c for c in reader.connections if c.topic in expected]
+    for conn, _, raw in reader.messages(connections=conns):
+        try:
+            expected[conn.topic][_stamp_ns(typestore.deserialize_cdr(raw, IMAGE_TYPE).header)] += 1
+        except Exception:  # unreadable ones are counted (and named) in the main pass
+            continue
+    return expected
 
 
 def bag_storage(path: Path) -> str:
@@ -230,7 +474,7 @@ def _label_message(typestore: Typestore, header: Any, labels: np.ndarray) -> mem
 
 def process_bag(input_path: str | Path, output_path: str | Path, segmenter: Segmenter, *,
                 topics: list[str] | None = None, storage: str | None = None, overwrite: bool = False,
-                progress: bool = True) -> BagReport:
+                progress: bool = True, gt_topics: str | Mapping[str, str] | None = None) -> BagReport:
     """Copy a bag and add a label topic per image topic (see the module docstring).
 
     Args:
@@ -241,9 +485,12 @@ def process_bag(input_path: str | Path, output_path: str | Path, segmenter: Segm
         storage: ``sqlite3`` or ``mcap`` (default: the input's).
         overwrite: replace an existing output (never the input, nor a path inside or around it).
         progress: show a progress bar over messages.
+        gt_topics: ground truth to evaluate against: one mono8 trainId topic (a bag with one image
+            topic to segment) or image topic → ground-truth topic; scores land in ``report.evaluation``.
 
     Raises:
-        BagError: missing input, refused output path, bad topic selection or label-topic collision.
+        BagError: missing input, refused output path, bad topic selection, label-topic collision,
+            or a bad ground-truth topic (see :func:`plan_ground_truth`).
     """
     src, dst = Path(input_path), Path(output_path)
     check_paths(src, dst, overwrite)
@@ -264,11 +511,17 @@ def process_bag(input_path: str | Path, output_path: str | Path, segmenter: Segm
         for conn in reader.connections:
             if topic_types.setdefault(conn.topic, conn.msgtype) != conn.msgtype:
                 raise BagError(f"topic {conn.topic} carries several types ({topic_types[conn.topic]}, {conn.msgtype})")
-        plan = plan_label_topics(topic_types, topics)
+        plan, gt_of = plan_ground_truth(topic_types, topics, gt_topics)
         definitions = {c.id: _connection_definition(c, typestore) for c in reader.connections}
         report.label_topics = dict(plan)
         report.frames_segmented = dict.fromkeys(plan, 0)
         report.frames_failed = dict.fromkeys(plan, 0)
+        matcher = None
+        if gt_of:
+            card = getattr(segmenter, "card", None)
+            report.classes = tuple(getattr(card, "classes", None) or CITYSCAPES_CLASSES)
+            matcher = _GroundTruthMatcher(gt_of, _expected_stamps(reader, typestore, gt_of), report.classes,
+                                          report.evaluation)
 
         # Everything is validated; only now may an old output go.
         if dst.exists() or dst.is_symlink():
@@ -276,7 +529,7 @@ def process_bag(input_path: str | Path, output_path: str | Path, segmenter: Segm
         writer = Writer(dst, version=BAG_VERSION, storage_plugin=StoragePlugin[out_storage.upper()])
         writer.open()
         try:
-            _copy_and_segment(reader, writer, typestore, segmenter, plan, definitions, report, progress)
+            _copy_and_segment(reader, writer, typestore, segmenter, plan, definitions, report, progress, matcher)
             writer.close()
         except BaseException:
             # The half-written bag is ours (open() created it); leave nothing misleading behind.
@@ -293,7 +546,7 @@ def process_bag(input_path: str | Path, output_path: str | Path, segmenter: Segm
 
 def _copy_and_segment(reader: Reader, writer: Writer, typestore: Typestore, segmenter: Segmenter,
                       plan: dict[str, str], definitions: dict[int, tuple[str, str]], report: BagReport,
-                      progress: bool) -> None:
+                      progress: bool, matcher: _GroundTruthMatcher | None = None) -> None:
     out_conns: dict[int, Connection] = {}
     image_qos: dict[str, list[Any]] = {}
     for conn in reader.connections:
@@ -332,7 +585,13 @@ def _copy_and_segment(reader: Reader, writer: Writer, typestore: Typestore, segm
                         labels = cv2.resize(labels, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
                     writer.write(label_conns[conn.topic], timestamp, _label_message(typestore, header, labels))
                     report.frames_segmented[conn.topic] += 1
+                    if matcher is not None and conn.topic in report.evaluation:
+                        matcher.frame(conn.topic, _stamp_ns(header), labels)
+            elif matcher is not None and conn.topic in matcher.image_of:
+                matcher.truth(conn.topic, timestamp, raw, typestore)
             bar.update(1)
+    if matcher is not None:
+        matcher.finish()
 
 
 # --- helpers for demos and tests -------------------------------------------------------------
@@ -412,7 +671,35 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--storage", choices=STORAGES, help="output storage (default: same as the input)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output bag")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    # One value per flag (repeat it for pairs): a list-valued option would swallow the positional bags.
+    p.add_argument("--gt-topic", dest="gt_topics", action="append", metavar="[IMAGE_TOPIC=]GT_TOPIC",
+                   help="evaluate against mono8 trainId labels on GT_TOPIC, paired with frames by header stamp; "
+                        "a bare GT_TOPIC needs exactly one image topic to segment, otherwise repeat "
+                        "--gt-topic IMAGE_TOPIC=GT_TOPIC per evaluated image topic")
+    p.add_argument("--eval-out", type=Path, metavar="REPORT.json",
+                   help="write the evaluation (confusion matrices, mIoU, per-class IoU, pixel accuracy, "
+                        "matched/unmatched frames per image topic) as JSON; never overwrites")
     p.set_defaults(func=run_bag)
+
+
+def check_eval_out(eval_out: Path, input_path: Path, output_path: Path) -> None:
+    """Refuse an evaluation report path that exists or lies inside the input or output bag."""
+    if eval_out.exists() or eval_out.is_symlink():
+        raise BagError(f"evaluation report {eval_out} exists; choose another path (it is never overwritten)")
+    target = eval_out.resolve()
+    for what, bag in (("input", input_path), ("output", output_path)):
+        if _related(target, bag.resolve()):
+            raise BagError(f"evaluation report {eval_out} lies in the {what} bag {bag}; choose a path outside it")
+
+
+def write_eval_report(data: dict[str, Any], path: Path) -> None:
+    """Write the evaluation JSON to a new file (mode "x": a file that appeared meanwhile is not replaced)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+    except FileExistsError:
+        raise BagError(f"evaluation report {path} exists; choose another path (it is never overwritten)") from None
 
 
 def run_bag(args: argparse.Namespace) -> int:
@@ -420,15 +707,27 @@ def run_bag(args: argparse.Namespace) -> int:
     from .card import CardError
     from .engine import Segmenter
 
+    gt_topics_arg = getattr(args, "gt_topics", None)
+    eval_out = getattr(args, "eval_out", None)
     try:
         # Path checks first: a refused output should not wait for a model to load.
         check_paths(args.input, args.output, args.overwrite)
+        gt_topics = parse_gt_topics(gt_topics_arg) if gt_topics_arg else None
+        if eval_out is not None:
+            if gt_topics is None:
+                raise BagError("--eval-out needs ground truth to evaluate against (--gt-topic)")
+            check_eval_out(eval_out, args.input, args.output)
         bag_storage(args.input)
         segmenter = Segmenter(args.model, backend=args.backend, device=args.device, output_resolution="input")
         report = process_bag(args.input, args.output, segmenter, topics=args.topics, storage=args.storage,
-                             overwrite=args.overwrite, progress=args.progress)
+                             overwrite=args.overwrite, progress=args.progress, gt_topics=gt_topics)
+        evaluation = report.evaluation_dict()
+        if eval_out is not None and evaluation is not None:
+            write_eval_report({"input": str(args.input), "model": str(args.model), **evaluation}, eval_out)
     except (BagError, CardError, ValueError, FileNotFoundError) as exc:
         print(f"dgss-perception bag: error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
+    if eval_out is not None:
+        print(f"evaluation report: {eval_out}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from dgss_perception.bag import (
     add_parser,
     bag_storage,
     label_topic_for,
+    parse_gt_topics,
     plan_label_topics,
     process_bag,
     read_image_topic,
@@ -24,6 +26,8 @@ from dgss_perception.bag import (
 )
 from dgss_perception.codec import compressed_to_rgb, encode_image_fields, encode_jpeg, image_to_rgb
 from dgss_perception.engine import Segmenter
+from dgss_perception.labels import CITYSCAPES_CLASSES
+from dgss_perception.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 TS = get_typestore(Stores.ROS2_HUMBLE)
 RAW_TOPIC = "/cam/image_raw"
@@ -285,3 +289,153 @@ def test_cli_exit_codes(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.Cap
     fails(str(tmp_path / "out"), str(tmp_path / "o4"), "--model", model, "--topics", "/cam/image_raw/compressed",
           match="already exists")
     assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4"))
+
+
+# --- evaluation against a ground-truth label topic -------------------------------------------
+
+GT_TOPIC = "/camera/labels_gt"
+CAM2_TOPIC = "/cam2/image_raw/compressed"
+
+
+def _gt_from(pred: np.ndarray) -> np.ndarray:
+    """The engine's labels with a block relabelled and a band ignored: imperfect but related ground truth."""
+    gt = pred.copy()
+    gt[10:30, 20:60] = (gt[10:30, 20:60].astype(int) + 3) % 19
+    gt[:4] = 255
+    return gt
+
+
+def _write_gt_bag(path: Path, storage: str, segmenter: Segmenter) -> dict[int, np.ndarray]:
+    """Five raw frames with ground truth on GT_TOPIC, in every situation matching has to handle.
+
+    Frame 0 has its ground truth after it, frame 1 before it, frame 2 none, frame 3 one of the
+    wrong size, frame 4 after it; one more ground-truth message has no frame. Header stamps
+    differ from bag times (matching is by header stamp). A JPEG topic adds a second image topic.
+    Returns the comparable ground truth by header stamp.
+    """
+    image_t, jpeg_t = "sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage"
+    truths: dict[int, np.ndarray] = {}
+    with Writer(path, version=8, storage_plugin=StoragePlugin[storage.upper()]) as writer:
+        raw = writer.add_connection(RAW_TOPIC, image_t, typestore=TS)
+        gt_conn = writer.add_connection(GT_TOPIC, image_t, typestore=TS)
+        jpeg = writer.add_connection(CAM2_TOPIC, jpeg_t, typestore=TS)
+
+        def write_gt(bag_time: int, stamp: int, labels: np.ndarray) -> None:
+            msg = TS.types[image_t](header=_header(stamp, "cam"), **encode_image_fields(labels, "mono8"))
+            writer.write(gt_conn, bag_time, TS.serialize_cdr(msg, image_t))
+
+        for i in range(5):
+            t = T0 + (i + 1) * 50_000_000
+            stamp = t + 7
+            rgb = _frame(i, 61, 97)
+            gt = _gt_from(segmenter.segment(rgb).labels)
+            if i == 1:
+                write_gt(t - 1, stamp, gt)
+                truths[stamp] = gt
+            frame = TS.types[image_t](header=_header(stamp, "cam"), **encode_image_fields(rgb, "rgb8"))
+            writer.write(raw, t, TS.serialize_cdr(frame, image_t))
+            if i in (0, 4):
+                write_gt(t + 1, stamp, gt)
+                truths[stamp] = gt
+            elif i == 3:
+                write_gt(t + 1, stamp, gt[:30, :40].copy())
+        write_gt(T0 + 10**9, T0 + 10**9, np.zeros((61, 97), np.uint8))  # no frame has this stamp
+        data = np.frombuffer(encode_jpeg(_frame(9, 33, 45)), np.uint8)
+        writer.write(jpeg, T0, TS.serialize_cdr(TS.types[jpeg_t](header=_header(T0, "cam2"), format="jpeg",
+                                                                 data=data), jpeg_t))
+    return truths
+
+
+def _hand_confusion(out: Path, truths: dict[int, np.ndarray]) -> np.ndarray:
+    """The confusion of the labels the output bag holds against the comparable ground truth."""
+    conf = np.zeros((19, 19), np.int64)
+    for _, header, labels in read_image_topic(out, "/cam/image_raw/labels"):
+        stamp = header.stamp.sec * 10**9 + header.stamp.nanosec
+        if stamp in truths:
+            conf += confusion_matrix(labels, truths.pop(stamp), 19)
+    assert not truths
+    return conf
+
+
+def _check_scores(entry: dict, conf: np.ndarray) -> None:
+    assert np.array_equal(np.array(entry["confusion"]), conf)
+    assert entry["miou"] == pytest.approx(mean_iou(conf), abs=1e-12)
+    assert entry["pixel_accuracy"] == pytest.approx(pixel_accuracy(conf), abs=1e-12)
+    assert 0 < entry["miou"] < 1 and entry["pixels"] == conf.sum()
+    for name, want in zip(CITYSCAPES_CLASSES, iou_per_class(conf)):
+        assert entry["iou"][name] is None if np.isnan(want) else entry["iou"][name] == pytest.approx(want)
+
+
+def test_gt_evaluation_cli(tmp_path: Path, tiny_model_dir: Path, segmenter: Segmenter,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    truths = _write_gt_bag(src, "mcap", segmenter)
+    before = _tree_hash(src)
+    model = str(tiny_model_dir)
+    report_path = tmp_path / "eval" / "report.json"
+    args = _cli("bag", str(src), str(tmp_path / "out"), "--model", model, "--no-progress",
+                "--gt-topic", f"{RAW_TOPIC}={GT_TOPIC}", "--eval-out", str(report_path))
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert f"eval {RAW_TOPIC} vs {GT_TOPIC}: mIoU" in printed and "3 matched frames" in printed
+    assert _tree_hash(src) == before
+
+    out = tmp_path / "out"
+    # The ground truth is copied like any topic and never segmented; both image topics are.
+    assert [m for m in _messages(out) if not m[0].endswith("/labels")] == _messages(src)
+    label_topics = {m[0] for m in _messages(out) if m[0].endswith("/labels")}
+    assert label_topics == {"/cam/image_raw/labels", "/cam2/image_raw/labels"}
+    report = json.loads(report_path.read_text())
+    assert set(report["topics"]) == {RAW_TOPIC}
+    entry = report["topics"][RAW_TOPIC]
+    assert entry["gt_topic"] == GT_TOPIC
+    assert {k: entry[k] for k in ("frames", "matched", "unmatched", "mismatched", "gt_unused")} == {
+        "frames": 5, "matched": 3, "unmatched": 1, "mismatched": 1, "gt_unused": 1}
+    assert len(entry["issues"]) == 1 and "ground truth is 40x30, the frame 97x61" in entry["issues"][0]
+    assert f"{(T0 + 4 * 50_000_000 + 7) // 10**9}." in entry["issues"][0]  # names the stamp
+    conf = _hand_confusion(out, dict(truths))
+    _check_scores(entry, conf)
+    _check_scores(report["overall"], conf)
+    assert report["classes"] == list(CITYSCAPES_CLASSES) and report["overall"]["matched"] == 3
+
+    def fails(*argv: str, match: str) -> None:
+        a = _cli("bag", str(src), *argv, "--model", model, "--no-progress")
+        assert a.func(a) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, err
+
+    fails(str(tmp_path / "o1"), "--gt-topic", GT_TOPIC, "--eval-out", str(report_path), match="never overwritten")
+    fails(str(tmp_path / "o2"), "--gt-topic", GT_TOPIC, match="exactly one image topic")
+    fails(str(tmp_path / "o3"), "--gt-topic", "/nope", "--topics", RAW_TOPIC, match="not in the bag")
+    fails(str(tmp_path / "o4"), "--gt-topic", f"{RAW_TOPIC}={CAM2_TOPIC}", match="not sensor_msgs/msg/Image")
+    fails(str(tmp_path / "o5"), "--gt-topic", f"{RAW_TOPIC}={GT_TOPIC}", "--topics", CAM2_TOPIC,
+          match="not among the segmented")
+    fails(str(tmp_path / "o6"), "--gt-topic", GT_TOPIC, "--topics", GT_TOPIC, match="given as ground truth")
+    fails(str(tmp_path / "o7"), "--eval-out", str(tmp_path / "r.json"), match="--gt-topic")
+    fails(str(tmp_path / "o8"), "--gt-topic", GT_TOPIC, "--eval-out", str(src / "r.json"), "--topics", RAW_TOPIC,
+          match="input bag")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9)) and not (tmp_path / "r.json").exists()
+
+
+def test_gt_evaluation_single_topic(tmp_path: Path, segmenter: Segmenter) -> None:
+    src = tmp_path / "src"
+    truths = _write_gt_bag(src, "sqlite3", segmenter)
+    report = process_bag(src, tmp_path / "out", segmenter, topics=[RAW_TOPIC], gt_topics=GT_TOPIC, progress=False)
+    assert report.label_topics == {RAW_TOPIC: "/cam/image_raw/labels"}
+    ev = report.evaluation[RAW_TOPIC]
+    assert (ev.matched, ev.unmatched, ev.mismatched, ev.gt_unused) == (3, 1, 1, 1)
+    np.testing.assert_array_equal(ev.confusion, _hand_confusion(tmp_path / "out", dict(truths)))
+    assert "eval /cam/image_raw vs /camera/labels_gt" in report.summary()
+    # Without ground truth nothing is evaluated and nothing changes in what is written.
+    plain = process_bag(src, tmp_path / "plain", segmenter, topics=[RAW_TOPIC], progress=False)
+    assert plain.evaluation == {} and plain.evaluation_dict() is None
+    assert _messages(tmp_path / "plain") == _messages(tmp_path / "out")
+
+
+def test_parse_gt_topics() -> None:
+    assert parse_gt_topics(["/gt"]) == "/gt"
+    assert parse_gt_topics(["/a=/gt_a", "/b=/gt_b"]) == {"/a": "/gt_a", "/b": "/gt_b"}
+    assert parse_gt_topics(["/a=/gt_a"]) == {"/a": "/gt_a"}
+    for bad in (["/gt", "/a=/gt_a"], ["/a="], ["=/gt"], ["/a=/x", "/a=/y"]):
+        with pytest.raises(BagError):
+            parse_gt_topics(bad)
