@@ -75,6 +75,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_c2f_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported tiny VFMNet + MGRNet coarse-to-fine package; its weights beside it (weights.safetensors)."""
+    from training.export import export_package
+
+    work = tmp_path_factory.mktemp("tiny_c2f")
+    cfg = make_tiny_weights(work / "weights.safetensors", seed=3, config=TINY_C2F_CONFIG, sharpen=20.0)
+    export_package(cfg, work / "weights.safetensors", work / "package")
+    return work / "package"
+
+
+@pytest.fixture(scope="session")
 def ros_domain_id() -> int:
     """A DDS domain of this test process's own, so parallel runs never cross-talk."""
     domain = 1 + os.getpid() % 100

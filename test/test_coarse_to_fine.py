@@ -8,24 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_C2F_CONFIG, make_tiny_weights
+from conftest import TINY_C2F_CONFIG
 from dgss_perception.card import CardError, load_card
 from dgss_perception.engine import Segmenter
 from training.checkpoint import load_state_dict_file
-from training.export import export_package
+from training.config import config_from_dict
 from training.inference import Predictor, window_grid
 
 FRAME = (112, 224)
 
 
 @pytest.fixture(scope="module")
-def c2f(tmp_path_factory):
+def c2f(tiny_c2f_dir):
     """(config, weights path, exported coarse-to-fine package) for the tiny VFMNet + MGRNet."""
-    work = tmp_path_factory.mktemp("c2f")
-    cfg = make_tiny_weights(work / "weights.safetensors", seed=3, config=TINY_C2F_CONFIG, sharpen=20.0)
-    card = export_package(cfg, work / "weights.safetensors", work / "package")
-    assert card["inference"]["mode"] == "coarse_to_fine"
-    return cfg, work / "weights.safetensors", work / "package"
+    assert load_card(tiny_c2f_dir).inference_mode == "coarse_to_fine"
+    return config_from_dict(TINY_C2F_CONFIG), tiny_c2f_dir.parent / "weights.safetensors", tiny_c2f_dir
 
 
 def frames(count: int, seed: int = 0) -> list[np.ndarray]:
@@ -145,3 +142,12 @@ def test_mode_not_offered_is_refused(c2f, tiny_model_dir):
         Segmenter(tiny_model_dir, inference_mode="coarse_to_fine")
     with pytest.raises(CardError, match="not offered"):
         Segmenter(c2f[2], inference_mode="whole")
+
+
+def test_working_size_keeps_the_aspect_like_mmseg():
+    from training.inference import working_size
+
+    assert working_size((1080, 1920), (1024, 2048), keep_ratio=True) == (1024, 1820)
+    assert working_size((1024, 2048), (1024, 2048), keep_ratio=True) == (1024, 2048)
+    assert working_size((3000, 4000), (1024, 2048), keep_ratio=True) == (1024, 1364)  # Mapillary-like 4:3
+    assert working_size((720, 1280), (1024, 2048), keep_ratio=False) == (1024, 2048)

@@ -215,3 +215,37 @@ def test_report_helpers(tmp_path: Path) -> None:
                          tmp_path / "b.png", mious={"a": 0.5, "b": None})
     for path in (heat, bars):
         assert cv2.imread(str(path)) is not None
+
+
+def test_coarse_to_fine_mode(tmp_path, tiny_c2f_dir):
+    """A VFMNet + MGRNet run evaluated coarse-to-fine: scores equal the reference's, refined share reported."""
+    from conftest import TINY_C2F_CONFIG
+    from training.config import config_from_dict
+
+    rng = np.random.default_rng(9)
+    acdc = tmp_path / "acdc"
+    for i in range(2):
+        stem = f"GOPR0400_frame_{i:06d}"
+        labels = _labels(rng, (100, 230))  # not the working size: resized to test_size and scored at its own
+        _write(acdc / "rgb_anon" / "night" / "val" / "GOPR0400" / f"{stem}_rgb_anon.png", _image(rng, labels))
+        _write(acdc / "gt" / "night" / "val" / "GOPR0400" / f"{stem}_gt_labelTrainIds.png", labels)
+    cfg = config_from_dict(TINY_C2F_CONFIG)
+    weights = tiny_c2f_dir.parent / "weights.safetensors"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    out = tmp_path / "report"
+    assert main(["--config", str(config), "--weights", str(weights), "--mode", "coarse_to_fine", "--theta", "0.9",
+                 "--c-tau", "0.9", "--layout", "acdc", "--root", str(acdc), "--conditions", "night",
+                 "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "coarse_to_fine" and report["inference"]["theta"] == 0.9
+    (entry,) = report["sets"].values()
+    night = entry["domains"]["acdc/night"]
+    predictor = Predictor(cfg, load_state_dict_file(weights), mode="coarse_to_fine", theta=0.9, c_tau=0.9)
+    conf = sum(confusion_matrix(predictor.predict(read_rgb(s.image))[0], read_train_ids(s.label), 19)
+               for s in find_samples("acdc", acdc, "val", ["night"]))
+    assert np.array_equal(np.array(night["confusion"]), conf)
+    assert night["miou"] == pytest.approx(mean_iou(conf))
+    assert night["windows_total"] == 2 * 18 and night["windows_refined"] == predictor.windows_refined
+    assert night["refined_share"] == pytest.approx(predictor.windows_refined / 36)
+    assert all((out / name).is_file() for name in report["charts"])

@@ -33,20 +33,20 @@ def make_image(stamp: int, width: int, height: int, encoding: str, pad: int = 0)
 
 
 class Harness:
-    def __init__(self, tmp: Path, model: Path, transport: str, extra: list[str] = ()) -> None:
+    def __init__(self, tmp: Path, model: Path, transport: str, extra: list[str] = (), ns: str = "/cam") -> None:
         self.proc = start_node_process(
             ["-p", f"model:={model}", "-p", f"image_transport:={transport}", "-p", "qos_reliability:=reliable",
-             "-p", "diagnostics_period:=0.3", "-p", "backend:=onnx", "-r", "__ns:=/cam", *extra],
+             "-p", "diagnostics_period:=0.3", "-p", "backend:=onnx", "-r", f"__ns:={ns}", *extra],
             tmp / f"node_{transport}.log")
         self.log = tmp / f"node_{transport}.log"
         self.context = init_context()
         self.node = rclpy.create_node("node_test_driver", context=self.context)
         msg_type = CompressedImage if transport == "compressed" else Image
-        topic = "/cam/image/compressed" if transport == "compressed" else "/cam/image"
+        topic = f"{ns}/image/compressed" if transport == "compressed" else f"{ns}/image"
         self.pub = self.node.create_publisher(msg_type, topic, RELIABLE)
-        self.labels = Collector(self.node, Image, "/cam/labels")
-        self.color = Collector(self.node, Image, "/cam/labels/color")
-        self.confidence = Collector(self.node, Image, "/cam/labels/confidence")
+        self.labels = Collector(self.node, Image, f"{ns}/labels")
+        self.color = Collector(self.node, Image, f"{ns}/labels/color")
+        self.confidence = Collector(self.node, Image, f"{ns}/labels/confidence")
         self.diag = Collector(self.node, DiagnosticArray, "/diagnostics")
         self.spinner = Spinner(self.node)
         wait_for(lambda: self.proc.poll() is None and self.pub.get_subscription_count() > 0
@@ -157,6 +157,31 @@ def test_compressed_input(tmp_path, tiny_model_dir, engine, ros_domain_id):
         assert out.header.stamp.sec == 7002
     finally:
         assert h.close() == 0, h.log.read_text()
+
+
+def test_coarse_to_fine_package(tmp_path, tiny_c2f_dir, ros_domain_id):
+    """A coarse-to-fine package runs unchanged in the node; mode and thresholds are parameters."""
+    frame = make_image(8000, 300, 150, "rgb8")
+    rgb = image_to_rgb(frame)
+    for mode, theta, c_tau in (("coarse_to_fine", 0.9, 1.0), ("coarse", 0.9, 1.0)):
+        params = [f"inference_mode:={mode}", f"confidence_threshold:={theta}", f"refine_fraction:={c_tau}"]
+        h = Harness(tmp_path, tiny_c2f_dir, "raw", [arg for p in params for arg in ("-p", p)], ns="/c2f")
+        try:
+            out = h.send(frame)
+            engine = Segmenter(tiny_c2f_dir, backend="onnx", inference_mode=mode, theta=theta, c_tau=c_tau)
+            expected = engine.segment(rgb)
+            assert (mode == "coarse") == (expected.windows_refined == 0)
+            np.testing.assert_array_equal(labels_array(out), expected.labels)
+
+            def ours(msg, mode=mode):  # the module's other node publishes /diagnostics too
+                values = {kv.key: kv.value for kv in msg.status[0].values}
+                return msg.status[0].hardware_id == "tiny_c2f_test" and values.get("inference_mode") == mode
+
+            wait_for(lambda: h.diag.find(ours) is not None, 20, "diagnostics with the mode")
+            values = {kv.key: kv.value for kv in h.diag.find(ours).status[0].values}
+            assert ("windows_refined_share" in values) == (mode == "coarse_to_fine")
+        finally:
+            assert h.close() == 0, h.log.read_text()
 
 
 def test_bad_model_exits_with_clear_error(tmp_path, ros_domain_id):

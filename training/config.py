@@ -106,6 +106,7 @@ class InferenceConfig:
 
     mode: str = "whole"  # whole | slide | coarse | coarse_to_fine
     test_size: list[int] | None = None  # (H, W) frames are resized to before inference; None: as read
+    keep_ratio: bool = False  # resize to fit inside test_size keeping the aspect (mmseg's keep_ratio), else stretch
     coarse_size: list[int] = field(default_factory=lambda: [512, 1024])  # stage 1, fixed whatever the aspect
     window: int = 512
     stride: int = 320

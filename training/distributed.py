@@ -49,7 +49,7 @@ def env_ranks() -> tuple[int, int, int]:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" → CUDA when available, else CPU; a CUDA device becomes cuda:``local_rank``.
+    """``auto`` → CUDA when available, else CPU; a CUDA device becomes cuda:``local_rank``.
 
     Under torchrun each process owns the GPU of its local rank, so an index in the
     config ("cuda:1") is overridden there; a single process keeps what the config says.
@@ -140,8 +140,10 @@ def tensors_digest(tensors: Iterable[torch.Tensor]) -> dict[str, Any]:
 
 
 class SyncCheck:
-    """Opt-in consistency log: ``DGSS_SYNC_CHECK=path`` makes every rank append, after each step,
-    a digest of its trainable parameters and of the batches it trained on to ``path.rank<k>.jsonl``.
+    """Opt-in consistency log of every rank's parameters and batches, step by step.
+
+    ``DGSS_SYNC_CHECK=path`` makes every rank append, after each step, a digest of its trainable
+    parameters and of the batches it trained on to ``path.rank<k>.jsonl``.
 
     Under DDP the parameter digests of all ranks must match at every step while the batch
     digests differ; a mismatch means the ranks drifted apart.

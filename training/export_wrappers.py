@@ -110,7 +110,7 @@ class RefineGraph(nn.Module):
         return labels.to(torch.uint8), confidence
 
     def logits(self, image: torch.Tensor, coarse: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-        """The overlap-averaged logits (1,C,H,W) that :meth:`forward` reduces to labels."""
+        """Return what :meth:`forward` reduces to labels: the overlap-averaged logits, shape (1,C,H,W)."""
         height, width = self.frame_size
         x = normalize(image.permute(0, 3, 1, 2).float(), self.mean, self.std)[0]  # (3,H,W)
         full = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]

@@ -82,6 +82,20 @@ def window_grid(height: int, width: int, window: int, stride: int) -> list[tuple
     return [(y, x) for y in ys for x in xs]
 
 
+def working_size(frame: tuple[int, int], test_size: tuple[int, int], keep_ratio: bool) -> tuple[int, int]:
+    """The (H, W) a frame is resized to before inference.
+
+    ``test_size`` itself, or with ``keep_ratio`` the largest size of the frame's aspect inside it
+    (long side to long side, as mmseg's keep_ratio), rounded to multiples of 4 for the
+    coarse-to-fine window arithmetic.
+    """
+    if not keep_ratio:
+        return int(test_size[0]), int(test_size[1])
+    h, w = frame
+    scale = min(max(test_size) / max(h, w), min(test_size) / min(h, w))
+    return max(4, int(round(h * scale / 4)) * 4), max(4, int(round(w * scale / 4)) * 4)
+
+
 class Predictor:
     """Predict labels for RGB frames with a trained model in one of :data:`MODES`.
 
@@ -121,12 +135,14 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, rgb: np.ndarray) -> torch.Tensor:
-        """rgb uint8 (H,W,3) → logits (1,C,H',W') at the working size (``test_size`` or the frame's)."""
+        """Logits (1,C,H',W') of rgb uint8 (H,W,3) at the working size (``test_size`` or the frame's)."""
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected an RGB uint8 H×W×3 frame, got {rgb.dtype} {rgb.shape}")
         p = self.params
-        if p.test_size and tuple(rgb.shape[:2]) != tuple(p.test_size):
-            rgb = cv2.resize(rgb, (p.test_size[1], p.test_size[0]), interpolation=cv2.INTER_LINEAR)
+        if p.test_size:
+            size = working_size(rgb.shape[:2], tuple(p.test_size), p.keep_ratio)
+            if size != tuple(rgb.shape[:2]):
+                rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
         size = rgb.shape[:2]
         if p.mode == "whole":
             net = tuple(self.cfg.model.img_size)

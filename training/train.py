@@ -210,6 +210,11 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume: bool, prog
     model = build_vfmnet(cfg.model).to(device)
     if ctx.is_main:
         barrier(ctx)
+    if ctx.distributed and device.type == "cuda":
+        # The decoder's BatchNorm sees batch 2 per GPU: normalise over all ranks (SyncBN, as the official
+        # training). Same parameters and buffers, so checkpoints and exports are unchanged. Gloo on CPU has
+        # no SyncBN kernel; there each rank keeps its own statistics.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     set_trainable(model, cfg.model.backbone.finetune)
     # The same Parameter objects DDP will wrap: the optimizer steps the synchronised gradients.
     optimizer = build_optimizer(model, cfg)

@@ -1,4 +1,4 @@
-"""Offline DINOv2 patch-14 → patch-16 conversion (the VFMSeg / Rein 512-crop setting).
+r"""Offline DINOv2 patch-14 → patch-16 conversion (the VFMSeg / Rein 512-crop setting).
 
 Reads Meta's original checkpoint (e.g. ``dinov2_vitl14_pretrain.pth``) or a timm-format DINOv2
 checkpoint and writes a timm-format safetensors file for the same ViT built with a new patch
@@ -16,7 +16,7 @@ with no runtime resampling.
 
 Usage::
 
-    python -m training.backbones.convert --src dinov2_vitl14_pretrain.pth \\
+    python -m training.backbones.convert --src dinov2_vitl14_pretrain.pth \
         --dst dinov2_vitl16_512.safetensors [--patch 16] [--img 512]
 """
 
