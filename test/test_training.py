@@ -37,6 +37,9 @@ def test_config_rejects_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         config_from_dict({"model": {"backbone": {"nmae": "x"}}})
     assert load_config(ROOT / "training" / "configs" / "demo_tiny.yaml").model.backbone.lora.r == 8
+    vfmseg = load_config(ROOT / "training" / "configs" / "demo_vfmseg_tiny.yaml")
+    assert vfmseg.model.refine.window == vfmseg.model.img_size[0] == vfmseg.model.img_size[1]
+    assert vfmseg.inference.mode == "coarse_to_fine"
 
 
 def test_feature_taps():
