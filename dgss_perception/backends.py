@@ -27,7 +27,32 @@ class BackendError(RuntimeError):
     """A backend that cannot be used here (missing library, provider or device)."""
 
 
-def onnx_providers(device: str, cache_dir: Path | None) -> list:
+def gpu_identity(device_id: int = 0) -> str:
+    """Name and compute capability of a CUDA GPU as a path-safe slug (``nvidia-smi``), or ``unknown-gpu``."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader",
+                              "-i", str(device_id)], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown-gpu"
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", out.strip()).strip("-").lower()
+    return slug or "unknown-gpu"
+
+
+def trt_cache_dir(base: Path, checksum: str | None, gpu: str, precision: str) -> Path:
+    """Where TensorRT engines for one graph live: keyed by the graph's checksum, the GPU and the precision.
+
+    An engine is only valid for the graph, GPU architecture and precision it was built for, so a
+    shared cache directory never hands one model's or one GPU's engine to another; a second start
+    of the same graph on the same GPU finds its engine and does not rebuild.
+    """
+    digest = (checksum or "unversioned").split(":")[-1][:16]
+    return base / f"{digest}-{gpu}-{precision}"
+
+
+def onnx_providers(device: str, cache_dir: Path | None, precision: str = "fp32") -> list:
     """Execution providers in preference order for a device (auto | cpu | cuda)."""
     import onnxruntime as ort
 
@@ -36,7 +61,7 @@ def onnx_providers(device: str, cache_dir: Path | None) -> list:
         return ["CPUExecutionProvider"]
     chosen: list = []
     if "TensorrtExecutionProvider" in available:
-        options = {"trt_fp16_enable": False}
+        options = {"trt_fp16_enable": precision == "fp16"}
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
@@ -57,7 +82,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, path: Path, input_names: list[str], output_names: list[str], device: str = "auto",
-                 threads: int = 0) -> None:
+                 threads: int = 0, checksum: str | None = None, precision: str = "fp32") -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -66,8 +91,11 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads > 0:
             options.intra_op_num_threads = threads
-        cache = Path(os.environ.get("DGSS_TRT_CACHE", Path.home() / ".cache" / "dgss_perception" / "trt"))
-        providers = onnx_providers(device, cache)
+        cache = None
+        if device != "cpu" and "TensorrtExecutionProvider" in ort.get_available_providers():
+            base = Path(os.environ.get("DGSS_TRT_CACHE", Path.home() / ".cache" / "dgss_perception" / "trt"))
+            cache = trt_cache_dir(base, checksum, gpu_identity(), precision)
+        providers = onnx_providers(device, cache, precision)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
         self.providers = self.session.get_providers()

@@ -108,7 +108,8 @@ class Segmenter:
         path = self.card.graph_path(graph, backend)
         if backend == "onnx":
             return OnnxRuntimeBackend(path, [i.name for i in spec.inputs], [o.name for o in spec.outputs],
-                                      device=device, threads=threads)
+                                      device=device, threads=threads, checksum=self.card.checksums.get(path.name),
+                                      precision=self.card.precision)
         if backend == "torchscript":
             return TorchScriptBackend(path, device=device)
         raise BackendError(f"unknown backend {backend}")

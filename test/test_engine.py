@@ -100,3 +100,30 @@ def test_corrupt_or_missing_files_refused(tiny_model_dir, tmp_path):
         load_card(pkg)
     with pytest.raises(CardError, match="not found"):
         load_card(tmp_path / "nowhere")
+
+
+def test_trt_cache_is_keyed_by_graph_gpu_and_precision(tmp_path, monkeypatch):
+    """TensorRT engines of different graphs, GPUs or precisions never share a cache directory."""
+    import subprocess
+
+    from dgss_perception import backends
+
+    a = backends.trt_cache_dir(tmp_path, "sha256:" + "ab" * 32, "nvidia-h100-80gb-hbm3-9.0", "fp32")
+    assert a == tmp_path / f"{'ab' * 8}-nvidia-h100-80gb-hbm3-9.0-fp32"
+    assert a == backends.trt_cache_dir(tmp_path, "sha256:" + "ab" * 32, "nvidia-h100-80gb-hbm3-9.0", "fp32")
+    others = {backends.trt_cache_dir(tmp_path, "sha256:" + "cd" * 32, "nvidia-h100-80gb-hbm3-9.0", "fp32"),
+              backends.trt_cache_dir(tmp_path, "sha256:" + "ab" * 32, "nvidia-geforce-rtx-4090-8.9", "fp32"),
+              backends.trt_cache_dir(tmp_path, "sha256:" + "ab" * 32, "nvidia-h100-80gb-hbm3-9.0", "fp16")}
+    assert a not in others and len(others) == 3
+
+    class Done:
+        stdout = "NVIDIA H100 80GB HBM3, 9.0\n"
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
+    assert backends.gpu_identity() == "nvidia-h100-80gb-hbm3-9.0"
+
+    def missing(*a, **k):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert backends.gpu_identity() == "unknown-gpu"
