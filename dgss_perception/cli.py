@@ -48,7 +48,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bag, demo, play
+    from . import bag, bench, demo, play
 
     parser = argparse.ArgumentParser(prog="dgss-perception", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     bag.add_parser(sub)
     play.add_parser(sub)
     demo.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

@@ -29,9 +29,7 @@ import array
 import datetime
 import json
 import os
-import platform
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +52,9 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
+
+from dgss_perception.benchutil import device_string, log_tail, make_frames, percentile, stop_node  # noqa: E402
+from dgss_perception.benchutil import start_node as start_node_process  # noqa: E402
 
 COUNTERS = ("received", "processed", "dropped", "malformed", "errors", "idle")
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -94,34 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_pool(width: int, height: int, count: int, seed: int = 0) -> list[array.array]:
     """rgb8 frames with smooth structure (gradients, blobs) plus noise, so the labels vary."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    pool = []
-    for _ in range(count):
-        img = np.zeros((height, width, 3), np.float32)
-        for c in range(3):
-            fx, fy, phase = rng.uniform(0.5, 4.0), rng.uniform(0.5, 4.0), rng.uniform(0, 2 * np.pi)
-            img[:, :, c] = 127 + 100 * np.sin(2 * np.pi * (fx * xx / width + fy * yy / height) + phase)
-        img += rng.normal(0, 12, img.shape).astype(np.float32)
-        pool.append(array.array("B", np.clip(img, 0, 255).astype(np.uint8).tobytes()))
-    return pool
-
-
-def device_string() -> str:
-    """Platform and CPU, e.g. 'Linux-6.8-x86_64 | AMD EPYC | 2 cores'."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.platform()} | {cpu} | {os.cpu_count()} cores"
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
+    return [array.array("B", frame.tobytes()) for frame in make_frames(width, height, count, seed)]
 
 
 @dataclass
@@ -176,38 +150,9 @@ class Run:
 
 def start_node(args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
     """segment_node as ``ros2 run`` would start it, importable from the checkout."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     params = [f"model:={args.model}", "qos_reliability:=reliable", "diagnostics_period:=0.5",
               f"backend:={args.backend}", *args.node_arg]
-    cmd = [sys.executable, "-m", "dgss_perception.node", "--ros-args", "-r", f"__ns:={args.namespace}"]
-    for p in params:
-        cmd += ["-p", p]
-    log = open(log_path, "w")
-    try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-    finally:
-        log.close()  # the child holds its own descriptor
-
-
-def stop_node(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
-    """SIGINT (as Ctrl-C), then SIGKILL if it does not exit; returns the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return None  # did not shut down cleanly
-    return proc.returncode
-
-
-def log_tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
+    return start_node_process(params, args.namespace, log_path, cwd=ROOT)
 
 
 def soak(args: argparse.Namespace, proc: subprocess.Popen, run: Run, node: Any, executor: Any,
