@@ -4,7 +4,8 @@
 
 Every graph is checked against eager PyTorch on fresh random input; the
 export fails (exit code 1) when a graph differs beyond tolerance, printing
-the maximum difference either way.
+the maximum difference either way. The card records each graph's FLOPs per run
+(``export.flops``, see :func:`count_flops`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph
 from .inference import model_at_size, window_grid
 
 GRAPH = "whole"
+# What ``export.flops`` counts, recorded beside the figures in every card.
+FLOPS_CONVENTION = ("torch.utils.flop_counter.FlopCounterMode on the eager graph: matmul, convolution and "
+                    "attention only; a multiply-add counts as 2 FLOPs")
 
 
 class ParityError(RuntimeError):
@@ -41,6 +45,52 @@ class ParityError(RuntimeError):
 def load_export_model(cfg: TrainConfig, weights: Path, size: tuple[int, int]) -> nn.Module:
     """The trained model at ``size`` with LoRA merged into the backbone, in eval mode."""
     return model_at_size(cfg, load_state_dict_file(weights), size)
+
+
+def count_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    """FLOPs of one forward of ``module`` on ``inputs``, as torch's FlopCounterMode counts them.
+
+    Only matrix products, convolutions (transposed too) and scaled-dot-product attention are
+    counted, a multiply-add as 2 FLOPs (torch's convention, and that of the usual ViT formula
+    24·N·d² + 4·N²·d per block); normalisation, softmax, resizing and element-wise work are not.
+    The forward runs on fake tensors (shapes only, no arithmetic), so a ViT-L costs
+    milliseconds rather than a CPU inference; the module may live on the CPU or the meta device.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    # Real parameters are wrapped as fake on first use; nothing is computed or allocated.
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        fake_inputs = tuple(fake.from_tensor(t) for t in inputs)
+        with counter:
+            module(*fake_inputs)
+    return int(counter.get_total_flops())
+
+
+def whole_flops(graph: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """``export.flops`` of a whole-image package: the graph's FLOPs for its whole batch, and that batch."""
+    return {GRAPH: count_flops(graph, (example,)), "batch": int(example.shape[0])}
+
+
+def coarse_to_fine_flops(coarse: nn.Module, refine: nn.Module, image: torch.Tensor, theta: torch.Tensor,
+                         coarse_logits: torch.Tensor) -> dict[str, int]:
+    """``export.flops`` of a coarse-to-fine package: the coarse graph per frame and the refine graph per window.
+
+    A frame refining k windows costs ``coarse + k · refine_per_window``. The refine graph is
+    counted with one window and with two; its cost must grow by one window's worth (its
+    per-frame part, the resize of the coarse logits, has no counted FLOPs).
+
+    Raises:
+        RuntimeError: the refine graph's FLOPs are not proportional to its window count.
+    """
+    f_coarse = count_flops(coarse, (image, theta))
+    # Window 0, once and twice: valid indices whatever the size of the window table.
+    one, two = (count_flops(refine, (image, coarse_logits, torch.zeros(k, dtype=torch.int64, device=image.device)))
+                for k in (1, 2))
+    if abs(two - 2 * one) > 0.01 * one:
+        raise RuntimeError(f"refine graph FLOPs are not proportional to its windows: {one} for one, {two} for two")
+    return {"coarse": f_coarse, "refine_per_window": one}
 
 
 def export_onnx(graph: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], path: Path,
@@ -149,24 +199,25 @@ def _run_exported(out: Path, onnx_name: str | None, ts_name: str | None, input_n
 
 def _export_whole(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int], output_kind: str,
                   formats: tuple[str, ...], opset: int, atol: float, batch: int,
-                  seed: int) -> tuple[dict, dict, list[dict[str, Any]]]:
+                  seed: int) -> tuple[dict, dict, list[dict[str, Any]], dict[str, int]]:
     """One graph: the frame stretched to ``size`` through VFMNet (whole-image inference)."""
     model = load_export_model(cfg, weights, size)
     graph = SegmentationGraph(model, cfg.model.mean, cfg.model.std, output_kind).eval()
     inputs, outputs = tensor_specs(size, cfg.model.num_classes, output_kind, batch)
     example = torch.zeros((batch, *size, 3), dtype=torch.uint8)
+    flops = whole_flops(graph, example)
     onnx_name, ts_name = _graph_files(out, GRAPH, graph, (example,), ["image"], [o["name"] for o in outputs],
                                       formats, opset)
     parity = run_parity(graph, out / onnx_name if onnx_name else None, out / ts_name if ts_name else None,
                         size, output_kind, atol, seed, batch)
     graphs = {GRAPH: {"onnx": onnx_name, "torchscript": ts_name, "inputs": inputs, "outputs": outputs,
                       "output_kind": output_kind}}
-    return graphs, {"mode": GRAPH, "params": {}}, parity
+    return graphs, {"mode": GRAPH, "params": {}}, parity, flops
 
 
 def _export_coarse_to_fine(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int],
                            formats: tuple[str, ...], opset: int, atol: float,
-                           seed: int) -> tuple[dict, dict, list[dict[str, Any]]]:
+                           seed: int) -> tuple[dict, dict, list[dict[str, Any]], dict[str, int]]:
     """Two graphs: VFMNet at the fixed coarse size with the window gate, and backbone + MGRNet on windows.
 
     The frame size is fixed at export (the card's input size), so the window table is a constant.
@@ -191,6 +242,7 @@ def _export_coarse_to_fine(cfg: TrainConfig, weights: Path, out: Path, size: tup
     theta = torch.tensor([inf.theta], dtype=torch.float32)
     with torch.no_grad():
         coarse_logits = coarse(image, theta)[2]
+    flops = coarse_to_fine_flops(coarse, refine, image, theta, coarse_logits)
     ch, cw = coarse_logits.shape[-2:]
     image_spec = {"name": "image", "dtype": "uint8", "shape": [1, h, w, 3]}
     labels_spec = [{"name": "labels", "dtype": "uint8", "shape": [1, h, w]},
@@ -219,7 +271,7 @@ def _export_coarse_to_fine(cfg: TrainConfig, weights: Path, out: Path, size: tup
     parity = _coarse_to_fine_parity(coarse, refine, out, graphs, size, len(windows), atol, seed)
     params = {"theta": inf.theta, "c_tau": inf.c_tau, "window": window, "stride": stride,
               "coarse_size": list(coarse_size), "windows": [list(c) for c in windows]}
-    return graphs, {"mode": "coarse_to_fine", "params": params}, parity
+    return graphs, {"mode": "coarse_to_fine", "params": params}, parity, flops
 
 
 def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, graphs: dict,
@@ -266,7 +318,7 @@ def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, 
 def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int] | None = None,
                    output_kind: str = "labels_confidence", formats: tuple[str, ...] = ("onnx", "torchscript"),
                    opset: int = 18, atol: float = 1e-4, overwrite: bool = False, name: str | None = None,
-                   batch: int = 1, mode: str | None = None) -> dict:
+                   batch: int = 1, mode: str | None = None, benchmark: bool = False) -> dict:
     """Write a model package to ``out``; raise ParityError when a graph disagrees with eager PyTorch.
 
     Args:
@@ -276,6 +328,13 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         mode: ``whole`` or ``coarse_to_fine`` (default: coarse_to_fine when the model has a refine head).
         batch: the graphs' fixed batch size (``whole`` only): a node serving several cameras runs up
             to that many frames in one inference.
+        benchmark: ``weights`` are a random initialisation (``training.bench_models``): the card says
+            so (``benchmark: true`` at the top and in ``export``, ``export.weights`` "random (benchmark)").
+
+    Returns:
+        The card as written; ``card["export"]["flops"]`` holds the FLOPs per run of each graph:
+        ``{"whole": F, "batch": N}`` (F for the whole batch of N frames), or
+        ``{"coarse": F, "refine_per_window": F}`` (a frame refining k windows costs coarse + k × that).
     """
     mode = mode or ("coarse_to_fine" if cfg.model.refine is not None else "whole")
     if mode not in ("whole", "coarse_to_fine"):
@@ -297,10 +356,11 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
     out.mkdir(parents=True)
     seed = int.from_bytes(os.urandom(4), "little")
     if mode == "whole":
-        graphs, inference, parity = _export_whole(cfg, weights, out, size, output_kind, formats, opset, atol, batch,
-                                                  seed)
+        graphs, inference, parity, flops = _export_whole(cfg, weights, out, size, output_kind, formats, opset, atol,
+                                                         batch, seed)
     else:
-        graphs, inference, parity = _export_coarse_to_fine(cfg, weights, out, size, formats, opset, atol, seed)
+        graphs, inference, parity, flops = _export_coarse_to_fine(cfg, weights, out, size, formats, opset, atol,
+                                                                  seed)
 
     import onnx
     import timm
@@ -323,10 +383,15 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         "precision": "fp32",
         "export": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
-                   "opset": opset, "weights": str(weights), "parity": parity,
+                   "opset": opset, "weights": "random (benchmark)" if benchmark else str(weights),
+                   "parity": parity, "flops": flops, "flops_convention": FLOPS_CONVENTION,
                    "backbone": {"name": cfg.model.backbone.name, "overrides": cfg.model.backbone.overrides,
                                 "lora": "merged" if cfg.model.backbone.lora else None}},
     }
+    if benchmark:
+        # Twice: at the top for anyone reading card.json, in ``export`` for the runtime's ModelCard.export.
+        card["benchmark"] = True
+        card["export"]["benchmark"] = True
     failed = [r for r in parity if not r["ok"]]
     if failed:
         # No card: the runtime must not load graphs that failed parity.
@@ -334,6 +399,21 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         raise ParityError(f"exported graph(s) differ from eager PyTorch beyond tolerance {atol}: {failed}")
     write_card(out, card)
     return card
+
+
+def human_flops(flops: float) -> str:
+    """A FLOP count with a unit prefix: ``1.69 TFLOP``, ``750 GFLOP``, ``5.97 MFLOP``."""
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(flops) >= scale:
+            return f"{flops / scale:.3g} {unit}FLOP"
+    return f"{flops:.0f} FLOP"
+
+
+def format_flops(flops: dict[str, int]) -> str:
+    """One line of ``export.flops``, e.g. ``FLOPs per run: whole 1.69 TFLOP (batch 1)``."""
+    parts = [f"{k} {human_flops(v)}" for k, v in flops.items() if k != "batch"]
+    batch = f" (batch {flops['batch']})" if "batch" in flops else ""
+    return "FLOPs per run: " + ", ".join(parts) + batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in card["export"]["parity"]:
         print(f"parity {r['graph']}: max abs diff {r['max_abs_diff']:.3g} "
               f"({'ok' if r['ok'] else 'FAILED'})")
+    print(format_flops(card["export"]["flops"]))
     print(f"wrote {args.out}: mode {card['inference']['mode']}, graphs {', '.join(card['graphs'])}, "
           f"input {card['input']['height']}x{card['input']['width']}")
     return 0
