@@ -76,6 +76,15 @@ class CoarseGraph(nn.Module):
         return labels.to(torch.uint8), confidence, coarse, fractions
 
 
+def disjoint_groups(windows: list[tuple[int, int]], window: int) -> list[int]:
+    """A group per window such that windows of one group never overlap (greedy colouring, in order)."""
+    groups: list[int] = []
+    for i, (y, x) in enumerate(windows):
+        taken = {groups[j] for j, (yy, xx) in enumerate(windows[:i]) if abs(y - yy) < window and abs(x - xx) < window}
+        groups.append(min(set(range(len(windows))) - taken))
+    return groups
+
+
 class RefineGraph(nn.Module):
     """VFMSeg stage 2 for the runtime: the selected windows through backbone + MGRNet in one batch.
 
@@ -103,6 +112,9 @@ class RefineGraph(nn.Module):
         for y, x in windows:
             count[..., y:y + window, x:x + window] += 1
         self.register_buffer("count", count, persistent=False)
+        groups = disjoint_groups(windows, window)
+        self.num_groups = max(groups) + 1
+        self.register_buffer("groups", torch.tensor(groups, dtype=torch.int64), persistent=False)
 
     def forward(self, image: torch.Tensor, coarse: torch.Tensor,
                 windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +135,18 @@ class RefineGraph(nn.Module):
         base = full[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
         refined = F.interpolate(self.model.refine(crops, context), size=(self.window, self.window),
                                 mode="bilinear", align_corners=False)
-        # Average over overlaps: coarse everywhere, plus each refined window's change, summed in place.
-        delta = (refined - base).permute(1, 0, 2, 3).reshape(full.shape[0], -1)
-        flat = (rows[:, :, None] * width + cols[:, None, :]).reshape(-1)
-        change = torch.zeros_like(full).reshape(full.shape[0], -1).index_add(1, flat, delta)
+        # Average over overlaps: coarse everywhere, plus each refined window's change. The changes are
+        # scattered one group of mutually disjoint windows at a time, so no scatter ever writes a pixel
+        # twice: ONNX Runtime's multithreaded ScatterND(add) loses updates to repeated indices. A window
+        # outside the group writes into a spare tail that is thrown away.
+        channels, pixels, span = full.shape[0], height * width, self.window * self.window
+        delta = (refined - base).permute(1, 0, 2, 3).reshape(channels, -1)
+        flat = rows[:, :, None] * width + cols[:, None, :]  # (K, w, w)
+        spare = pixels + torch.arange(span, device=flat.device).reshape(self.window, self.window)
+        member = self.groups[windows][:, None, None]  # (K, 1, 1)
+        change = torch.zeros(channels, pixels, device=full.device, dtype=full.dtype)
+        for group in range(self.num_groups):
+            target = torch.where(member == group, flat, spare).reshape(-1)
+            canvas = torch.zeros(channels, pixels + span, device=full.device, dtype=full.dtype)
+            change = change + canvas.index_add(1, target, delta)[:, :pixels]
         return full[None] + change.reshape(1, *full.shape) / self.count
