@@ -135,18 +135,14 @@ class RefineGraph(nn.Module):
         base = full[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
         refined = F.interpolate(self.model.refine(crops, context), size=(self.window, self.window),
                                 mode="bilinear", align_corners=False)
-        # Average over overlaps: coarse everywhere, plus each refined window's change. The changes are
-        # scattered one group of mutually disjoint windows at a time, so no scatter ever writes a pixel
-        # twice: ONNX Runtime's multithreaded ScatterND(add) loses updates to repeated indices. A window
-        # outside the group writes into a spare tail that is thrown away.
-        channels, pixels, span = full.shape[0], height * width, self.window * self.window
+        # Average over overlaps: coarse everywhere, plus each refined window's change. Each window's change
+        # goes to the canvas of its group of mutually disjoint windows, so no scatter index repeats
+        # (ONNX Runtime's multithreaded ScatterND(add) loses updates to repeated indices); the group
+        # canvases are then summed.
+        channels, pixels = full.shape[0], height * width
         delta = (refined - base).permute(1, 0, 2, 3).reshape(channels, -1)
         flat = rows[:, :, None] * width + cols[:, None, :]  # (K, w, w)
-        spare = pixels + torch.arange(span, device=flat.device).reshape(self.window, self.window)
-        member = self.groups[windows][:, None, None]  # (K, 1, 1)
-        change = torch.zeros(channels, pixels, device=full.device, dtype=full.dtype)
-        for group in range(self.num_groups):
-            target = torch.where(member == group, flat, spare).reshape(-1)
-            canvas = torch.zeros(channels, pixels + span, device=full.device, dtype=full.dtype)
-            change = change + canvas.index_add(1, target, delta)[:, :pixels]
+        target = (self.groups[windows][:, None, None] * pixels + flat).reshape(-1)
+        canvas = torch.zeros(channels, self.num_groups * pixels, device=full.device, dtype=full.dtype)
+        change = canvas.index_add(1, target, delta).reshape(channels, self.num_groups, pixels).sum(dim=1)
         return full[None] + change.reshape(1, *full.shape) / self.count
