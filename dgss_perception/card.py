@@ -21,7 +21,9 @@ INFERENCE_MODES = ("whole", "coarse", "coarse_to_fine")
 # The graphs each mode runs: coarse-to-fine is VFMSeg's stage 1 ("coarse", which also scores
 # every window's confidence) followed by the selected windows through backbone + MGRNet ("refine").
 MODE_GRAPHS = {"whole": ("whole",), "coarse": ("coarse",), "coarse_to_fine": ("coarse", "refine")}
-RESIZE_POLICIES = ("stretch",)
+# stretch: the runtime resizes frames to the input size; stretch_in_graph: the graph takes frames of any
+# size (dimensions -1), resizes them itself and returns labels at the frame's size.
+RESIZE_POLICIES = ("stretch", "stretch_in_graph")
 
 
 class CardError(ValueError):
@@ -178,9 +180,9 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
         if spec.onnx is None and spec.torchscript is None:
             raise CardError(f"{wg}: names neither an onnx nor a torchscript file")
         batch = spec.inputs[0].shape[0] if spec.inputs[0].shape else 0
-        expected_in = (batch, height, width, 3)
+        expected_in = (batch, -1, -1, 3) if resize == "stretch_in_graph" else (batch, height, width, 3)
         if batch < 1 or spec.inputs[0].shape != expected_in or spec.inputs[0].dtype != "uint8":
-            raise CardError(f"{wg}: input must be uint8 [N≥1, {height}, {width}, 3], card says "
+            raise CardError(f"{wg}: input must be uint8 {list(expected_in)} (N ≥ 1), card says "
                             f"{spec.inputs[0].dtype} {list(spec.inputs[0].shape)}")
         # labels + confidence come first; a coarse graph adds what its refine stage needs.
         if kind == "labels_confidence" and (len(spec.outputs) < 2 or spec.outputs[0].dtype != "uint8"):

@@ -120,6 +120,11 @@ class Segmenter:
         return self.card.input_height, self.card.input_width
 
     @property
+    def resizes_in_graph(self) -> bool:
+        """The graph takes frames of any size and returns labels at the frame's size."""
+        return self.card.resize == "stretch_in_graph"
+
+    @property
     def batch_size(self) -> int:
         """Frames one inference takes (the graph's fixed batch; 1 for most packages)."""
         return self.graph.inputs[0].shape[0]
@@ -129,7 +134,7 @@ class Segmenter:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected an RGB uint8 H×W×3 frame, got {rgb.dtype} {rgb.shape}")
         h, w = self.network_size
-        if rgb.shape[:2] != (h, w):
+        if rgb.shape[:2] != (h, w) and not self.resizes_in_graph:
             rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
         if self.card.channel_order == "BGR":
             rgb = rgb[:, :, ::-1]
@@ -143,10 +148,17 @@ class Segmenter:
         """Segment up to ``batch_size`` frames (any sizes) in one inference; timings are the batch's."""
         if not 1 <= len(frames) <= self.batch_size:
             raise ValueError(f"this model takes 1 to {self.batch_size} frames at once, got {len(frames)}")
+        if self.resizes_in_graph and len({f.shape for f in frames}) > 1:
+            # One tensor per inference: frames of different sizes go one size at a time.
+            return [r for f in frames for r in self.segment_batch([f])]
         t0 = time.perf_counter()
-        batch = np.zeros((self.batch_size, *self.network_size, 3), np.uint8)  # unused slots stay black
-        for i, rgb in enumerate(frames):
-            batch[i] = self.preprocess(rgb)
+        if self.batch_size == 1:
+            batch = np.ascontiguousarray(self.preprocess(frames[0]))[None]  # no copy when already contiguous
+        else:
+            size = frames[0].shape[:2] if self.resizes_in_graph else self.network_size
+            batch = np.zeros((self.batch_size, *size, 3), np.uint8)  # unused slots stay black
+            for i, rgb in enumerate(frames):
+                batch[i] = self.preprocess(rgb)
         t1 = time.perf_counter()
         refined = [0] * len(frames)
         if self.mode == "whole":
@@ -163,6 +175,8 @@ class Segmenter:
                 labels, confidence = _softmax_max_argmax(outputs[0][i].astype(np.float32, copy=False))
             if self.output_resolution == "input" and labels.shape != rgb.shape[:2]:
                 labels = cv2.resize(labels, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+            elif self.output_resolution == "network" and labels.shape != self.network_size:
+                labels = cv2.resize(labels, self.network_size[::-1], interpolation=cv2.INTER_NEAREST)
             results.append(SegmentResult(labels=labels, timings_ms={}, network_confidence=confidence,
                                          windows_refined=refined[i]))
         t3 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 
@@ -127,3 +128,43 @@ def test_trt_cache_is_keyed_by_graph_gpu_and_precision(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", missing)
     assert backends.gpu_identity() == "unknown-gpu"
+
+
+@pytest.fixture(scope="module")
+def in_graph_package(tmp_path_factory):
+    """The tiny model exported twice from the same weights: resizing on the host, and inside the graph."""
+    from conftest import make_tiny_weights
+    from training.export import export_package
+
+    work = tmp_path_factory.mktemp("in_graph")
+    cfg = make_tiny_weights(work / "weights.safetensors")
+    export_package(cfg, work / "weights.safetensors", work / "host")
+    card = export_package(cfg, work / "weights.safetensors", work / "graph", resize_in_graph=True)
+    return work / "host", work / "graph", card
+
+
+def test_resize_in_graph(in_graph_package):
+    """A package that resizes inside the graph takes any frame size and returns labels at that size."""
+    host_dir, graph_dir, card = in_graph_package
+    assert card["input"]["resize"] == "stretch_in_graph"
+    assert card["graphs"]["whole"]["inputs"][0]["shape"] == [1, -1, -1, 3]
+    assert all(r["ok"] for r in card["export"]["parity"])
+    rng = np.random.default_rng(4)
+    for backend in ("onnx", "torchscript"):
+        graph = Segmenter(graph_dir, backend=backend)
+        host = Segmenter(host_dir, backend=backend)
+        assert graph.resizes_in_graph and not host.resizes_in_graph
+        for h, w in ((56, 84), (97, 203), (1080, 1920)):
+            small = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+            frame = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)  # smooth: labels vary by region
+            a, b = graph.segment(frame), host.segment(frame)
+            assert a.labels.shape == (h, w) and a.network_confidence.shape == (56, 84)
+            # The same model; only the resize differs (torch's bilinear in the graph, OpenCV's on the host).
+            assert (a.labels == b.labels).mean() > 0.9, (backend, h, w)
+            assert len(np.unique(a.labels)) > 1
+        network = Segmenter(graph_dir, backend=backend, output_resolution="network").segment(frame)
+        assert network.labels.shape == (56, 84)
+    frames = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in ((40, 60, 3), (70, 90, 3))]
+    assert [r.labels.shape for r in Segmenter(graph_dir).segment_batch(frames[:1])] == [(40, 60)]
+    with pytest.raises(ValueError, match="1 to 1 frames"):
+        Segmenter(graph_dir).segment_batch(frames)

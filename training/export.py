@@ -132,14 +132,27 @@ def compare(name: str, got: list[np.ndarray], ref: list[np.ndarray], ref_probs: 
             "label_mismatch_not_tied": bad, "ok": conf_diff <= atol and bad == 0}
 
 
+def _reference_probs(graph: SegmentationGraph, image: torch.Tensor) -> np.ndarray:
+    """Softmax (N,C,H,W) behind a whole graph's labels, at the labels' size (for tie detection)."""
+    logits_graph = SegmentationGraph(graph.model, graph.mean, graph.std, "logits")
+    if graph.network_size is None:
+        return torch.softmax(logits_graph(image)[0], dim=1).numpy()
+    small = torch.nn.functional.interpolate(image.permute(0, 3, 1, 2).float(), size=graph.network_size,
+                                            mode="bilinear", align_corners=False)
+    # The logits graph normalises and runs the model; the uint8 cast of the resized frame is undone by
+    # feeding floats through the same permutation the graph expects.
+    probs = torch.softmax(logits_graph(small.permute(0, 2, 3, 1))[0], dim=1)
+    return torch.nn.functional.interpolate(probs, size=tuple(image.shape[1:3]), mode="nearest").numpy()
+
+
 def run_parity(graph: nn.Module, onnx_path: Path | None, ts_path: Path | None, size: tuple[int, int],
                output_kind: str, atol: float, seed: int, batch: int = 1) -> list[dict[str, Any]]:
+    """Exported files against eager ``graph`` on a random (batch, *size, 3) frame."""
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, size=(batch, *size, 3), dtype=np.uint8)
     with torch.no_grad():
         ref = [t.numpy() for t in graph(torch.from_numpy(image))]
-        probs_graph = SegmentationGraph(graph.model, graph.mean, graph.std, "logits")
-        ref_probs = torch.softmax(probs_graph(torch.from_numpy(image))[0], dim=1).numpy()
+        ref_probs = _reference_probs(graph, torch.from_numpy(image))
     results = []
     if onnx_path is not None:
         import onnxruntime as ort
@@ -198,18 +211,32 @@ def _run_exported(out: Path, onnx_name: str | None, ts_name: str | None, input_n
 
 
 def _export_whole(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int], output_kind: str,
-                  formats: tuple[str, ...], opset: int, atol: float, batch: int,
-                  seed: int) -> tuple[dict, dict, list[dict[str, Any]], dict[str, int]]:
-    """One graph: the frame stretched to ``size`` through VFMNet (whole-image inference)."""
+                  formats: tuple[str, ...], opset: int, atol: float, batch: int, seed: int,
+                  resize_in_graph: bool = False) -> tuple[dict, dict, list[dict[str, Any]], dict[str, int]]:
+    """One graph: the frame stretched to ``size`` through VFMNet (whole-image inference).
+
+    With ``resize_in_graph`` the graph takes frames of any size and resizes them itself.
+    """
     model = load_export_model(cfg, weights, size)
-    graph = SegmentationGraph(model, cfg.model.mean, cfg.model.std, output_kind).eval()
+    graph = SegmentationGraph(model, cfg.model.mean, cfg.model.std, output_kind,
+                              network_size=size if resize_in_graph else None).eval()
     inputs, outputs = tensor_specs(size, cfg.model.num_classes, output_kind, batch)
     example = torch.zeros((batch, *size, 3), dtype=torch.uint8)
     flops = whole_flops(graph, example)
+    dynamic = None
+    test_size = size
+    if resize_in_graph:
+        from torch.export import Dim
+
+        # Frame height and width are free; the labels follow them, the confidence stays at the network size.
+        inputs[0]["shape"] = [batch, -1, -1, 3]
+        outputs[0]["shape"] = [batch, -1, -1]
+        dynamic = {"image": {1: Dim("height", min=16, max=8192), 2: Dim("width", min=16, max=8192)}}
+        test_size = (size[0] * 3 // 2 + 5, size[1] * 7 // 4 + 3)  # parity on a frame the export never saw
     onnx_name, ts_name = _graph_files(out, GRAPH, graph, (example,), ["image"], [o["name"] for o in outputs],
-                                      formats, opset)
+                                      formats, opset, dynamic)
     parity = run_parity(graph, out / onnx_name if onnx_name else None, out / ts_name if ts_name else None,
-                        size, output_kind, atol, seed, batch)
+                        test_size, output_kind, atol, seed, batch)
     graphs = {GRAPH: {"onnx": onnx_name, "torchscript": ts_name, "inputs": inputs, "outputs": outputs,
                       "output_kind": output_kind}}
     return graphs, {"mode": GRAPH, "params": {}}, parity, flops
@@ -318,7 +345,8 @@ def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, 
 def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int] | None = None,
                    output_kind: str = "labels_confidence", formats: tuple[str, ...] = ("onnx", "torchscript"),
                    opset: int = 18, atol: float = 1e-4, overwrite: bool = False, name: str | None = None,
-                   batch: int = 1, mode: str | None = None, benchmark: bool = False) -> dict:
+                   batch: int = 1, mode: str | None = None, resize_in_graph: bool = False,
+                   benchmark: bool = False) -> dict:
     """Write a model package to ``out``; raise ParityError when a graph disagrees with eager PyTorch.
 
     Args:
@@ -328,6 +356,8 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         mode: ``whole`` or ``coarse_to_fine`` (default: coarse_to_fine when the model has a refine head).
         batch: the graphs' fixed batch size (``whole`` only): a node serving several cameras runs up
             to that many frames in one inference.
+        resize_in_graph: (``whole`` only) the graph takes frames of any size, stretches them to ``size``
+            itself and returns labels at the frame's size, so the host does no image work.
         benchmark: ``weights`` are a random initialisation (``training.bench_models``): the card says
             so (``benchmark: true`` at the top and in ``export``, ``export.weights`` "random (benchmark)").
 
@@ -343,6 +373,8 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         raise ValueError(f"batch must be ≥ 1 (and 1 for {mode}), got {batch}")
     if mode != "whole" and output_kind != "labels_confidence":
         raise ValueError(f"{mode} graphs output labels and confidence, not {output_kind}")
+    if resize_in_graph and (mode != "whole" or output_kind != "labels_confidence"):
+        raise ValueError("resize_in_graph needs a whole-image graph that outputs labels and confidence")
     if size is None:
         if mode == "whole":
             size = tuple(cfg.model.img_size)
@@ -357,7 +389,7 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
     seed = int.from_bytes(os.urandom(4), "little")
     if mode == "whole":
         graphs, inference, parity, flops = _export_whole(cfg, weights, out, size, output_kind, formats, opset, atol,
-                                                         batch, seed)
+                                                         batch, seed, resize_in_graph)
     else:
         graphs, inference, parity, flops = _export_coarse_to_fine(cfg, weights, out, size, formats, opset, atol,
                                                                   seed)
@@ -376,7 +408,8 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         "palette": palette,
         "ignore_index": 255,
         "input": {"height": size[0], "width": size[1], "channel_order": "RGB", "layout": "NHWC",
-                  "dtype": "uint8", "resize": "stretch", "normalization": "in_graph",
+                  "dtype": "uint8", "resize": "stretch_in_graph" if resize_in_graph else "stretch",
+                  "normalization": "in_graph",
                   "mean": list(cfg.model.mean), "std": list(cfg.model.std)},
         "inference": inference,
         "graphs": graphs,
@@ -429,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default="onnx,torchscript", help="comma list of onnx, torchscript")
     parser.add_argument("--mode", choices=("whole", "coarse_to_fine"),
                         help="graphs to export (default: coarse_to_fine for a model with a refine head, else whole)")
+    parser.add_argument("--resize-in-graph", action="store_true",
+                        help="whole mode: the graph takes frames of any size and resizes them on the device")
     parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the graphs (cameras per inference)")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance")
@@ -447,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         if not formats or set(formats) - {"onnx", "torchscript"}:
             parser.error(f"--formats must list onnx and/or torchscript, got {args.formats!r}")
         card = export_package(cfg, weights, Path(args.out), size, args.output_kind, formats, args.opset,
-                              args.atol, args.overwrite, args.name, args.batch, args.mode)
+                              args.atol, args.overwrite, args.name, args.batch, args.mode,
+                              resize_in_graph=args.resize_in_graph)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

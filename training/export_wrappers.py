@@ -15,25 +15,38 @@ from .models.preprocess import normalize
 
 
 class SegmentationGraph(nn.Module):
-    """uint8 (N,H,W,3) RGB → labels uint8 (N,H,W) + max-softmax float32 (N,H,W), or logits (N,C,H,W)."""
+    """uint8 (N,H,W,3) RGB → labels uint8 (N,H,W) + max-softmax float32 (N,H,W), or logits (N,C,H,W).
+
+    With ``network_size`` the graph takes frames of any size and does the resize itself: the frame
+    is stretched to the network size (bilinear) and the labels come back at the frame's size
+    (nearest) while the confidence stays at the network size (h, w), so only uint8 labels at full
+    resolution leave the device and the host does no image work.
+    """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
-                 output_kind: str = "labels_confidence") -> None:
+                 output_kind: str = "labels_confidence", network_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         if output_kind not in ("labels_confidence", "logits"):
             raise ValueError(f"unknown output kind {output_kind!r}")
+        if network_size is not None and output_kind != "labels_confidence":
+            raise ValueError("a graph that resizes frames itself outputs labels and confidence")
         self.model = model
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.output_kind = output_kind
+        self.network_size = None if network_size is None else (int(network_size[0]), int(network_size[1]))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = normalize(image.permute(0, 3, 1, 2).float(), self.mean, self.std)
+        if self.network_size is not None:
+            x = F.interpolate(x, size=self.network_size, mode="bilinear", align_corners=False)
         logits = self.model(x)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if self.output_kind == "logits":
             return (logits,)
         confidence, labels = torch.softmax(logits, dim=1).max(dim=1)
+        if self.network_size is not None:
+            labels = F.interpolate(labels[:, None].float(), size=image.shape[1:3], mode="nearest")[:, 0]
         return labels.to(torch.uint8), confidence
 
 
