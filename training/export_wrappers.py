@@ -37,17 +37,31 @@ class SegmentationGraph(nn.Module):
         self.network_size = None if network_size is None else (int(network_size[0]), int(network_size[1]))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = normalize(image.permute(0, 3, 1, 2).float(), self.mean, self.std)
+        x = image.permute(0, 3, 1, 2).float()
         if self.network_size is not None:
+            # Resize first: normalising is then done on the network's pixels, not the camera's.
             x = F.interpolate(x, size=self.network_size, mode="bilinear", align_corners=False)
+        x = normalize(x, self.mean, self.std)
         logits = self.model(x)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if self.output_kind == "logits":
             return (logits,)
         confidence, labels = torch.softmax(logits, dim=1).max(dim=1)
+        labels = labels.to(torch.uint8)
         if self.network_size is not None:
-            labels = F.interpolate(labels[:, None].float(), size=image.shape[1:3], mode="nearest")[:, 0]
-        return labels.to(torch.uint8), confidence
+            labels = _nearest_upsample(labels, image.shape[1], image.shape[2])
+        return labels, confidence
+
+
+def _nearest_upsample(labels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 (N,h,w) → (N,height,width) by nearest neighbour (PyTorch's rule: source = ⌊dst · h / height⌋).
+
+    Gathering rows and columns of the uint8 map costs a fraction of interpolating it as floats.
+    """
+    h, w = labels.shape[-2:]
+    rows = torch.div(torch.arange(height, device=labels.device) * h, height, rounding_mode="floor")
+    cols = torch.div(torch.arange(width, device=labels.device) * w, width, rounding_mode="floor")
+    return labels[:, rows][:, :, cols]
 
 
 def _window_tables(windows: list[tuple[int, int]], window: int) -> tuple[torch.Tensor, torch.Tensor]:
