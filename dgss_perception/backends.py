@@ -132,6 +132,8 @@ class TorchScriptBackend:
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         torch = self.torch
         with torch.inference_mode():
-            out = self.module(*(torch.from_numpy(a).to(self.device) for a in inputs))
+            # torch cannot wrap a read-only array (a frame viewed in its message): copy those.
+            out = self.module(*(torch.from_numpy(a if a.flags.writeable else a.copy()).to(self.device)
+                                for a in inputs))
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return [o.cpu().numpy() for o in outs]

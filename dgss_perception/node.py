@@ -318,7 +318,8 @@ class SegmentationMixin:
             self._count(cam, "idle")
             return None
         try:
-            return compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else image_to_rgb(msg)
+            # The node owns each received message and never changes it: an rgb8 frame is used in place.
+            return compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else image_to_rgb(msg, copy=False)
         except FrameError as exc:
             self._problem(cam, "malformed", f"skipped a malformed frame on {self._input_topic(cam)}: {exc}")
             return None

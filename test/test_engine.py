@@ -168,3 +168,14 @@ def test_resize_in_graph(in_graph_package):
     assert [r.labels.shape for r in Segmenter(graph_dir).segment_batch(frames[:1])] == [(40, 60)]
     with pytest.raises(ValueError, match="1 to 1 frames"):
         Segmenter(graph_dir).segment_batch(frames)
+
+
+def test_read_only_frames(in_graph_package, recwarn):
+    """The node hands the engine read-only views of its messages; every backend takes them as they are."""
+    host_dir, graph_dir, _ = in_graph_package
+    frame = np.random.default_rng(0).integers(0, 256, size=(90, 160, 3), dtype=np.uint8)
+    frame.flags.writeable = False
+    for package in (host_dir, graph_dir):
+        for backend in ("onnx", "torchscript"):
+            assert Segmenter(package, backend=backend).segment(frame).labels.shape == (90, 160)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]

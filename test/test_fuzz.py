@@ -187,6 +187,11 @@ def test_image_to_rgb_returns_a_new_array() -> None:
     msg = SimpleNamespace(height=2, width=2, step=6, encoding="rgb8", is_bigendian=0, data=bytearray(payload))
     rgb = image_to_rgb(msg, use_cv_bridge=False)
     assert not np.shares_memory(rgb, np.frombuffer(msg.data, np.uint8))
+    view = image_to_rgb(msg, use_cv_bridge=False, copy=False)  # the node's path: no copy, but read-only
+    assert np.shares_memory(view, np.frombuffer(msg.data, np.uint8)) and not view.flags.writeable
+    np.testing.assert_array_equal(view, rgb)
+    padded = SimpleNamespace(height=2, width=2, step=8, encoding="rgb8", is_bigendian=0, data=bytearray(range(16)))
+    assert image_to_rgb(padded, use_cv_bridge=False, copy=False).flags.c_contiguous  # padding: a packed copy
 
 
 # -- compressed frames -------------------------------------------------------------------------------------------------
