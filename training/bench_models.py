@@ -32,8 +32,8 @@ from torch import nn
 
 from .build import build_vfmnet
 from .config import TrainConfig, config_from_dict, config_to_dict, load_config
-from .export import (ParityError, coarse_to_fine_flops, export_package, format_flops, human_flops,
-                     whole_flops)
+from .export import (ParityError, coarse_to_fine_flops, export_package, format_flops, human_flops, parse_formats,
+                     print_parity, whole_flops)
 from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph
 from .inference import window_grid
 from .models.vfmnet import VFMNet
@@ -317,9 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --preset and --out (or --list)")
     if (args.height is None) != (args.width is None):
         parser.error("give both --height and --width, or neither")
-    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    if not formats or set(formats) - {"onnx", "torchscript"}:
-        parser.error(f"--formats must list onnx and/or torchscript, got {args.formats!r}")
+    formats = parse_formats(parser, args.formats)
     out = Path(args.out)
     try:
         preset = get_preset(args.preset)
@@ -335,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for r in card["export"]["parity"]:
-        print(f"parity {r['graph']}: max abs diff {r['max_abs_diff']:.3g} ({'ok' if r['ok'] else 'FAILED'})")
+    print_parity(card)
     windows = card["inference"]["params"].get("windows")
     print(describe_flops(card["export"]["flops"], len(windows) if windows else None))
     print(f"files: {_file_sizes(out, card)}")

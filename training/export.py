@@ -449,6 +449,20 @@ def format_flops(flops: dict[str, int]) -> str:
     return "FLOPs per run: " + ", ".join(parts) + batch
 
 
+def parse_formats(parser: argparse.ArgumentParser, text: str) -> tuple[str, ...]:
+    """``--formats`` ("onnx,torchscript") as a tuple; anything else is a usage error."""
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    if not formats or set(formats) - {"onnx", "torchscript"}:
+        parser.error(f"--formats must list onnx and/or torchscript, got {text!r}")
+    return formats
+
+
+def print_parity(card: dict) -> None:
+    """One line per parity check of an exported package."""
+    for r in card["export"]["parity"]:
+        print(f"parity {r['graph']}: max abs diff {r['max_abs_diff']:.3g} ({'ok' if r['ok'] else 'FAILED'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", help="training run directory (config.yaml + model.safetensors)")
@@ -478,9 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         size = (args.height, args.width) if args.height and args.width else None
         if (args.height is None) != (args.width is None):
             parser.error("give both --height and --width, or neither")
-        formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-        if not formats or set(formats) - {"onnx", "torchscript"}:
-            parser.error(f"--formats must list onnx and/or torchscript, got {args.formats!r}")
+        formats = parse_formats(parser, args.formats)
         card = export_package(cfg, weights, Path(args.out), size, args.output_kind, formats, args.opset,
                               args.atol, args.overwrite, args.name, args.batch, args.mode,
                               resize_in_graph=args.resize_in_graph)
@@ -490,9 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for r in card["export"]["parity"]:
-        print(f"parity {r['graph']}: max abs diff {r['max_abs_diff']:.3g} "
-              f"({'ok' if r['ok'] else 'FAILED'})")
+    print_parity(card)
     print(format_flops(card["export"]["flops"]))
     print(f"wrote {args.out}: mode {card['inference']['mode']}, graphs {', '.join(card['graphs'])}, "
           f"input {card['input']['height']}x{card['input']['width']}")
