@@ -90,6 +90,7 @@ class Segmenter:
         self.c_tau = float(params.get("c_tau", 0.8) if c_tau is None else c_tau)
         if not (0.0 < self.theta < 1.0 and 0.0 <= self.c_tau <= 1.0):
             raise ValueError(f"theta must lie in (0, 1) and c_tau in [0, 1], got {self.theta}, {self.c_tau}")
+        self._theta_input = np.array([self.theta], np.float32)  # the coarse graph's θ input, made once
         graphs = MODE_GRAPHS[self.mode]
         self.graph = self.card.graphs[graphs[0]]
         self.backends: dict[str, Backend] = {g: self._open_backend(g, backend, device, threads) for g in graphs}
@@ -191,7 +192,7 @@ class Segmenter:
         The coarse graph scores every window on the device; only that short vector comes back
         to pick the windows, which the refine graph then runs as one batch.
         """
-        labels, confidence, coarse, fractions = self.backend.run([batch, np.array([self.theta], np.float32)])
+        labels, confidence, coarse, fractions = self.backend.run([batch, self._theta_input])
         if self.mode == "coarse":
             return [labels, confidence], 0
         windows = np.flatnonzero(fractions[0] < self.c_tau).astype(np.int64)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Set
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from onnxutil import op_types
 from training.models.mvfuser import DT_MAX, DT_MIN, MVFuser, RMSNormGated
 from training.models.selective_scan import selective_scan_reference
 
@@ -155,22 +155,6 @@ def test_gradients_reach_every_parameter() -> None:
         assert float(p.grad.abs().max()) > 0, name
 
 
-def _op_types(graph: Any) -> Set[str]:
-    """Op types in an ONNX graph or function, subgraphs (Loop/If/Scan bodies) included."""
-    import onnx
-
-    ops = set()
-    for node in graph.node:
-        ops.add(node.op_type)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                ops |= _op_types(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    ops |= _op_types(sub)
-    return ops
-
-
 def test_onnx_export_has_no_loops_and_matches_eager() -> None:
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -185,9 +169,7 @@ def test_onnx_export_has_no_loops_and_matches_eager() -> None:
                                     output_names=["out"])
     model = program.model_proto
     onnx.checker.check_model(model)
-    ops = _op_types(model.graph)
-    for function in model.functions:
-        ops |= _op_types(function)
+    ops = op_types(model)
     assert not ops & {"Loop", "Scan"}, sorted(ops)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"h": h.numpy()})

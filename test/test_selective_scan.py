@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from onnxutil import op_types
 from training.models.selective_scan import (
     DEFAULT_CHUNK,
     kernel_available,
@@ -168,22 +169,6 @@ class _ScanModule(nn.Module):
                                       delta_bias=self.delta_bias, delta_softplus=True, chunk=self.chunk)
 
 
-def _op_types(graph) -> set:  # noqa: ANN001 (onnx.GraphProto; onnx is imported lazily)
-    """Op types of a graph and all its subgraphs (If/Loop/Scan bodies)."""
-    import onnx
-
-    ops = set()
-    for node in graph.node:
-        ops.add(node.op_type)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                ops |= _op_types(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    ops |= _op_types(sub)
-    return ops
-
-
 def test_onnx_export_has_no_loops_and_matches_eager() -> None:
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -196,10 +181,7 @@ def test_onnx_export_has_no_loops_and_matches_eager() -> None:
                                     input_names=["u", "delta", "B", "C", "z"], output_names=["y"])
     model = program.model_proto
     onnx.checker.check_model(model)
-    ops = _op_types(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            ops.add(node.op_type)
+    ops = op_types(model)
     assert not ops & {"Loop", "Scan"}, sorted(ops)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {name: t.numpy() for name, t in zip(["u", "delta", "B", "C", "z"], example)})

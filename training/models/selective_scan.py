@@ -233,22 +233,7 @@ def selective_scan_chunked(
     five N·D·S·L tensors; e.g. MVFuser (D 512, S 16, L 2594) with chunk 8: ~0.7 GB of decay matrices per
     image in float32. Both work and memory grow linearly with ``chunk``.
 
-    Args:
-        u: input, (N, D, L).
-        delta: step sizes before bias and softplus, (N, D, L).
-        A: state matrix diagonal, (D, S), real (negative in practice).
-        B: input projection, (N, S, L) or (N, G, S, L) with G dividing D.
-        C: output projection, same shape as B.
-        D: skip weight, (D,).
-        z: gate, (N, D, L); the output is multiplied by silu(z).
-        delta_bias: added to delta, (D,).
-        delta_softplus: apply softplus to delta (after the bias).
-        return_last_state: also return the state after the last step.
-        chunk: chunk length, ≥ 2.
-
-    Returns:
-        out (N, D, L) in u's dtype, and with ``return_last_state`` the last state (N, D, S) in the
-        accumulation dtype (float32, or float64 for float64 inputs).
+    Args and returns as :func:`selective_scan_reference`, plus ``chunk``, the chunk length (≥ 2).
     """
     if chunk < 2:
         raise ValueError(f"selective_scan_chunked: chunk must be ≥ 2, got {chunk}")
