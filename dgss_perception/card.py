@@ -17,10 +17,12 @@ SCHEMA_VERSION = 1
 CARD_FILE = "card.json"
 FAMILIES = ("vfmnet_mgrnet", "mfuser", "depthforge", "rein")
 OUTPUT_KINDS = ("labels_confidence", "logits")
-INFERENCE_MODES = ("whole", "coarse", "coarse_to_fine")
+INFERENCE_MODES = ("whole", "slide", "coarse", "coarse_to_fine")
 # The graphs each mode runs: coarse-to-fine is VFMSeg's stage 1 ("coarse", which also scores
-# every window's confidence) followed by the selected windows through backbone + MGRNet ("refine").
-MODE_GRAPHS = {"whole": ("whole",), "coarse": ("coarse",), "coarse_to_fine": ("coarse", "refine")}
+# every window's confidence) followed by the selected windows through backbone + MGRNet ("refine");
+# slide runs the card's windows of the frame through the window graph in batches and averages overlaps.
+MODE_GRAPHS = {"whole": ("whole",), "slide": ("window",), "coarse": ("coarse",),
+               "coarse_to_fine": ("coarse", "refine")}
 # stretch: the runtime resizes frames to the input size; stretch_in_graph: the graph takes frames of any
 # size (dimensions -1), resizes them itself and returns labels at the frame's size.
 RESIZE_POLICIES = ("stretch", "stretch_in_graph")
@@ -165,6 +167,9 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
     if mode not in INFERENCE_MODES:
         raise CardError(f"{where}: inference mode {mode!r} unknown (known: {', '.join(INFERENCE_MODES)})")
 
+    params = inference.get("params", {})
+    if not isinstance(params, dict):
+        raise CardError(f"{where}: inference.params must be an object")
     graphs: dict[str, GraphSpec] = {}
     for gname, g in _require(data, "graphs", dict, where).items():
         wg = f"{where}: graphs.{gname}"
@@ -181,7 +186,9 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
             raise CardError(f"{wg}: names neither an onnx nor a torchscript file")
         batch = spec.inputs[0].shape[0] if spec.inputs[0].shape else 0
         expected_in = (batch, -1, -1, 3) if resize == "stretch_in_graph" else (batch, height, width, 3)
-        if batch < 1 or spec.inputs[0].shape != expected_in or spec.inputs[0].dtype != "uint8":
+        if gname == "window":
+            _check_window_graph(spec, params, len(classes), wg)
+        elif batch < 1 or spec.inputs[0].shape != expected_in or spec.inputs[0].dtype != "uint8":
             raise CardError(f"{wg}: input must be uint8 {list(expected_in)} (N ≥ 1), card says "
                             f"{spec.inputs[0].dtype} {list(spec.inputs[0].shape)}")
         # labels + confidence come first; a coarse graph adds what its refine stage needs.
@@ -195,35 +202,58 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
     if missing:
         raise CardError(f"{where}: inference mode {mode!r} needs graphs {list(MODE_GRAPHS[mode])}, "
                         f"card has {sorted(graphs)}")
-    params = inference.get("params", {})
     if mode == "coarse_to_fine" or "refine" in graphs:
         _check_coarse_to_fine(params, graphs, height, width, where)
+    if "window" in graphs:
+        _check_windows(params, height, width, where)
+        if resize != "stretch":
+            raise CardError(f"{where}: slide inference needs the 'stretch' resize policy, card says {resize!r}")
 
     return ModelCard(
         directory=directory, name=_require(data, "name", str, where), family=family,
         backbones=tuple(_require(data, "backbones", list, where)), classes=classes, palette=palette,
         ignore_index=int(data.get("ignore_index", 255)), input_height=height, input_width=width,
         channel_order=channel_order, layout=layout, resize=resize, mean=mean, std=std,
-        normalization=normalization, inference_mode=mode, inference_params=dict(inference.get("params", {})),
+        normalization=normalization, inference_mode=mode, inference_params=dict(params),
         graphs=graphs, precision=_require(data, "precision", str, where),
         checksums=dict(_require(data, "checksums", dict, where)), export=dict(data.get("export", {})),
     )
 
 
-def _check_coarse_to_fine(params: Any, graphs: dict[str, GraphSpec], height: int, width: int, where: str) -> None:
-    """The window table and thresholds a coarse-to-fine package must carry, consistent with its graphs."""
+def _check_windows(params: dict[str, Any], height: int, width: int, where: str) -> list[Any]:
+    """The window table (``window`` size and ``windows`` corners) of a slide or coarse-to-fine package."""
     w = f"{where}: inference.params"
-    if not isinstance(params, dict):
-        raise CardError(f"{w}: expected an object")
     window = _require(params, "window", int, w)
     windows = _require(params, "windows", list, w)
+    if window < 1 or not windows or any(
+            not isinstance(c, list) or len(c) != 2 or not all(isinstance(v, int) for v in c)
+            or not 0 <= c[0] <= height - window or not 0 <= c[1] <= width - window for c in windows):
+        raise CardError(f"{w}: 'windows' must list [y, x] corners of {window}-pixel windows inside {height}x{width}")
+    return windows
+
+
+def _check_window_graph(spec: GraphSpec, params: dict[str, Any], num_classes: int, where: str) -> None:
+    """Slide's window graph: uint8 (K, w, w, 3) windows → float scores (K, C, w, w), K free (-1)."""
+    window = _require(params, "window", int, where.split(": graphs.")[0] + ": inference.params")
+    expected_in = (-1, window, window, 3)
+    expected_out = (-1, num_classes, window, window)
+    if spec.inputs[0].shape != expected_in or spec.inputs[0].dtype != "uint8" or len(spec.inputs) != 1:
+        raise CardError(f"{where}: input must be one uint8 {list(expected_in)} (K windows), card says "
+                        f"{[(i.dtype, list(i.shape)) for i in spec.inputs]}")
+    if spec.output_kind != "logits" or spec.outputs[0].shape != expected_out or spec.outputs[0].dtype != "float32":
+        raise CardError(f"{where}: output must be float32 scores {list(expected_out)} (output_kind logits), card says "
+                        f"{spec.output_kind} {[(o.dtype, list(o.shape)) for o in spec.outputs]}")
+
+
+def _check_coarse_to_fine(params: dict[str, Any], graphs: dict[str, GraphSpec], height: int, width: int,
+                          where: str) -> None:
+    """The window table and thresholds a coarse-to-fine package must carry, consistent with its graphs."""
+    w = f"{where}: inference.params"
+    windows = _check_windows(params, height, width, where)
     for key in ("theta", "c_tau"):
         value = _require(params, key, (int, float), w)
         if not 0.0 <= float(value) <= 1.0:
             raise CardError(f"{w}: {key} must lie in [0, 1], got {value}")
-    if not windows or any(not isinstance(c, list) or len(c) != 2 or not 0 <= c[0] <= height - window
-                          or not 0 <= c[1] <= width - window for c in windows):
-        raise CardError(f"{w}: 'windows' must list [y, x] corners of {window}-pixel windows inside {height}x{width}")
     coarse = graphs.get("coarse")
     if coarse is not None and (len(coarse.outputs) != 4 or coarse.outputs[3].shape[-1] != len(windows)):
         raise CardError(f"{where}: graphs.coarse must output labels, confidence, coarse logits and one "

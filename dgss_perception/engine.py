@@ -63,15 +63,17 @@ class Segmenter:
         device: ``auto``, ``cpu`` or ``cuda``.
         output_resolution: ``input`` (labels at the frame's size) or ``network`` (the graph's grid).
         threads: ONNX Runtime intra-op threads (0 = its default).
-        inference_mode: ``whole``, ``coarse`` or ``coarse_to_fine`` where the package offers it
-            (None = the card's mode).
+        inference_mode: ``whole``, ``slide``, ``coarse`` or ``coarse_to_fine`` where the package offers
+            it (None = the card's mode).
         theta: coarse_to_fine max-softmax threshold for a confident pixel (None = the card's).
         c_tau: coarse_to_fine refines a window whose confident fraction is below this (None = the card's).
+        window_batch: slide: windows per run of the window graph (0 = all of a frame's windows at once;
+            fewer bound the device memory at the cost of more runs).
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str = "auto",
                  output_resolution: str = "input", threads: int = 0, inference_mode: str | None = None,
-                 theta: float | None = None, c_tau: float | None = None) -> None:
+                 theta: float | None = None, c_tau: float | None = None, window_batch: int = 0) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if device not in DEVICES:
@@ -91,6 +93,19 @@ class Segmenter:
         if not (0.0 < self.theta < 1.0 and 0.0 <= self.c_tau <= 1.0):
             raise ValueError(f"theta must lie in (0, 1) and c_tau in [0, 1], got {self.theta}, {self.c_tau}")
         self._theta_input = np.array([self.theta], np.float32)  # the coarse graph's θ input, made once
+        if window_batch < 0:
+            raise ValueError(f"window_batch must be ≥ 0, got {window_batch}")
+        self._windows = [(int(y), int(x)) for y, x in params.get("windows", [])]
+        self._window = int(params.get("window", 0))
+        self.window_batch = window_batch or max(1, len(self._windows))
+        if self.mode == "slide":
+            count = np.zeros((self.card.input_height, self.card.input_width), np.float32)
+            for y, x in self._windows:
+                count[y:y + self._window, x:x + self._window] += 1
+            if count.min() == 0:
+                raise CardError(f"model {self.card.name}: its slide windows leave pixels of the "
+                                f"{self.card.input_height}x{self.card.input_width} frame uncovered")
+            self._inverse_count = 1.0 / count
         graphs = MODE_GRAPHS[self.mode]
         self.graph = self.card.graphs[graphs[0]]
         self.backends: dict[str, Backend] = {g: self._open_backend(g, backend, device, threads) for g in graphs}
@@ -127,8 +142,8 @@ class Segmenter:
 
     @property
     def batch_size(self) -> int:
-        """Frames one inference takes (the graph's fixed batch; 1 for most packages)."""
-        return self.graph.inputs[0].shape[0]
+        """Frames one inference takes (the graph's fixed batch; 1 for most packages and for slide)."""
+        return 1 if self.mode == "slide" else self.graph.inputs[0].shape[0]
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         """rgb uint8 H×W×3 → uint8 (h, w, 3) at the network size, in the card's channel order."""
@@ -164,12 +179,14 @@ class Segmenter:
         refined = [0] * len(frames)
         if self.mode == "whole":
             outputs = self.backend.run([batch])
+        elif self.mode == "slide":
+            outputs = self._run_slide(batch)
         else:
             outputs, refined[0] = self._run_coarse_to_fine(batch)
         t2 = time.perf_counter()
         results = []
         for i, rgb in enumerate(frames):
-            if self.graph.output_kind == "labels_confidence":
+            if self.graph.output_kind == "labels_confidence" or self.mode == "slide":
                 labels = outputs[0][i].astype(np.uint8, copy=False)
                 confidence = outputs[1][i].astype(np.float32, copy=False)
             else:
@@ -185,6 +202,25 @@ class Segmenter:
         for r in results:
             r.timings_ms = dict(timings)
         return results
+
+    def _run_slide(self, batch: np.ndarray) -> list[np.ndarray]:
+        """One frame (1,H,W,3) at the working size → labels (1,H,W), max softmax (1,H,W).
+
+        The card's windows go through the window graph ``window_batch`` at a time; their scores are
+        summed where windows overlap, divided by the overlap count, and reduced by softmax and argmax.
+        """
+        frame, w = batch[0], self._window
+        total = None
+        for start in range(0, len(self._windows), self.window_batch):
+            corners = self._windows[start:start + self.window_batch]
+            (scores,) = self.backend.run([np.stack([frame[y:y + w, x:x + w] for y, x in corners])])
+            if total is None:
+                total = np.zeros((scores.shape[1], *frame.shape[:2]), np.float32)
+            for (y, x), window_scores in zip(corners, scores):
+                total[:, y:y + w, x:x + w] += window_scores
+        total *= self._inverse_count
+        labels, confidence = _softmax_max_argmax(total)
+        return [labels[None], confidence[None]]
 
     def _run_coarse_to_fine(self, batch: np.ndarray) -> tuple[list[np.ndarray], int]:
         """One frame (1,H,W,3) through the coarse graph and, where it is unsure, the refine graph.

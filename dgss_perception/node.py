@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 TRANSPORTS = ("raw", "compressed")
 RELIABILITY = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}
-INFERENCE_MODES = ("", "whole", "coarse", "coarse_to_fine")
+INFERENCE_MODES = ("", "whole", "slide", "coarse", "coarse_to_fine")
 OUTPUTS = ("labels", "labels/color", "labels/overlay", "labels/confidence", "labels/camera_info")
 
 # name → (default, description); declared up front, validated in read_parameters.
@@ -74,9 +74,12 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "output_qos_reliability": ("reliable", "output QoS reliability: reliable | best_effort"),
     "output_resolution": ("input", "labels at the input's size (input) or the network's (network)"),
     "overlay_alpha": (0.5, "weight of the colour mask in labels/overlay, 0–1"),
-    "inference_mode": ("", "empty = the model card's mode; whole | coarse | coarse_to_fine where the card offers it"),
+    "inference_mode": ("", "empty = the model card's mode; whole | slide | coarse | coarse_to_fine where the card "
+                           "offers it"),
     "confidence_threshold": (0.968, "coarse_to_fine: max-softmax threshold θ for a confident pixel"),
     "refine_fraction": (0.8, "coarse_to_fine: refine a window when its confident fraction is below this (C_τ)"),
+    "window_batch": (0, "slide: windows per run of the window graph (0 = all of a frame's at once; fewer bound "
+                        "GPU memory)"),
     "threads": (0, "CPU inference threads (0 = runtime default)"),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
 }
@@ -106,6 +109,7 @@ def read_parameters(node: Node) -> dict[str, Any]:
         (0.0 <= float(p["refine_fraction"]) <= 1.0, "refine_fraction must lie in [0, 1]"),
         (float(p["diagnostics_period"]) > 0, "diagnostics_period must be positive"),
         (isinstance(p["threads"], int) and p["threads"] >= 0, "threads must be ≥ 0"),
+        (isinstance(p["window_batch"], int) and p["window_batch"] >= 0, "window_batch must be ≥ 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -166,7 +170,7 @@ class SegmentationMixin:
         self.segmenter = Segmenter(p["model"], backend=p["backend"], device=p["device"],
                                    output_resolution=p["output_resolution"], threads=p["threads"],
                                    inference_mode=p["inference_mode"] or None, theta=p["confidence_threshold"],
-                                   c_tau=p["refine_fraction"])
+                                   c_tau=p["refine_fraction"], window_batch=p["window_batch"])
         card = self.segmenter.card
         self.lut = palette_lut(card.palette)
         # Warm-up outside the stream: the first real frame must not pay for lazy initialisation.

@@ -29,10 +29,22 @@ from dgss_perception.labels import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 
 from .checkpoint import load_state_dict_file
 from .config import TrainConfig, load_config
-from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph
+from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph, WindowGraph
 from .inference import model_at_size, window_grid
 
 GRAPH = "whole"
+EXPORT_MODES = ("whole", "slide", "coarse_to_fine")
+# Families whose models are trained and tested on fixed windows (MFuser's EVA02 takes exactly 512²).
+SLIDE_FAMILIES = ("mfuser", "depthforge", "rein")
+
+
+def default_export_mode(cfg: TrainConfig) -> str:
+    """coarse_to_fine for a model with a refine head, slide for the window-based families, else whole."""
+    if cfg.model.refine is not None:
+        return "coarse_to_fine"
+    return "slide" if cfg.model.family in SLIDE_FAMILIES else "whole"
+
+
 # What ``export.flops`` counts, recorded beside the figures in every card.
 FLOPS_CONVENTION = ("torch.utils.flop_counter.FlopCounterMode on the eager graph: matmul, convolution and "
                     "attention only; a multiply-add counts as 2 FLOPs")
@@ -301,6 +313,43 @@ def _export_coarse_to_fine(cfg: TrainConfig, weights: Path, out: Path, size: tup
     return graphs, {"mode": "coarse_to_fine", "params": params}, parity, flops
 
 
+def _export_slide(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int], formats: tuple[str, ...],
+                  opset: int, atol: float, seed: int) -> tuple[dict, dict, list[dict[str, Any]], dict[str, int]]:
+    """One graph on windows of ``inference.window`` pixels (any number K of them per run).
+
+    The runtime resizes a frame to ``size`` (the working size), cuts the windows listed in the card
+    (every ``inference.stride`` pixels, the last ones flush with the border), runs them in batches and
+    averages the scores of overlapping windows, as :meth:`training.inference.Predictor._slide`.
+    """
+    inf = cfg.inference
+    window, n = inf.window, cfg.model.num_classes
+    windows = window_grid(size[0], size[1], window, inf.stride)
+    model = load_export_model(cfg, weights, (window, window))
+    graph = WindowGraph(model, cfg.model.mean, cfg.model.std).eval()
+    spec = {"inputs": [{"name": "windows", "dtype": "uint8", "shape": [-1, window, window, 3]}],
+            "outputs": [{"name": "scores", "dtype": "float32", "shape": [-1, n, window, window]}],
+            "output_kind": "logits"}
+    from torch.export import Dim
+
+    example = torch.zeros((2, window, window, 3), dtype=torch.uint8)
+    flops = {"window": count_flops(graph, (example[:1],))}
+    dynamic = {"windows": {0: Dim("windows", min=1, max=max(2, len(windows)))}}
+    spec["onnx"], spec["torchscript"] = _graph_files(out, "window", graph, (example,), ["windows"], ["scores"],
+                                                     formats, opset, dynamic)
+    # Parity on a batch size the export never saw.
+    rng = np.random.default_rng(seed)
+    crops = rng.integers(0, 256, size=(3, window, window, 3), dtype=np.uint8)
+    with torch.no_grad():
+        ref = [graph(torch.from_numpy(crops))[0].numpy()]
+    parity = []
+    for kind, got in _run_exported(out, spec["onnx"], spec["torchscript"], ["windows"], [crops]).items():
+        r = compare(f"window/{kind}", got, ref, ref[0], "logits", atol)
+        r["seed"] = seed
+        parity.append(r)
+    params = {"window": window, "stride": inf.stride, "windows": [list(c) for c in windows]}
+    return {"window": spec}, {"mode": "slide", "params": params}, parity, flops
+
+
 def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, graphs: dict,
                            size: tuple[int, int], num_windows: int, atol: float, seed: int) -> list[dict[str, Any]]:
     """Both exported graphs against eager PyTorch on a random frame; the refine graph on several window sets."""
@@ -351,9 +400,9 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
 
     Args:
         size: the graphs' input (H, W): the network size for ``whole`` (default the training size),
-            the working frame size for ``coarse_to_fine`` (default the config's test size, else
-            twice the coarse size: 1024×2048 for the paper's 512×1024).
-        mode: ``whole`` or ``coarse_to_fine`` (default: coarse_to_fine when the model has a refine head).
+            the working frame size for ``slide`` and ``coarse_to_fine`` (default the config's test
+            size, else twice the coarse size: 1024×2048 for the paper's 512×1024).
+        mode: ``whole``, ``slide`` or ``coarse_to_fine`` (default: :func:`default_export_mode`).
         batch: the graphs' fixed batch size (``whole`` only): a node serving several cameras runs up
             to that many frames in one inference.
         resize_in_graph: (``whole`` only) the graph takes frames of any size, stretches them to ``size``
@@ -366,12 +415,12 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         ``{"whole": F, "batch": N}`` (F for the whole batch of N frames), or
         ``{"coarse": F, "refine_per_window": F}`` (a frame refining k windows costs coarse + k × that).
     """
-    mode = mode or ("coarse_to_fine" if cfg.model.refine is not None else "whole")
-    if mode not in ("whole", "coarse_to_fine"):
-        raise ValueError(f"export mode must be whole or coarse_to_fine, got {mode!r}")
+    mode = mode or default_export_mode(cfg)
+    if mode not in EXPORT_MODES:
+        raise ValueError(f"export mode must be one of {', '.join(EXPORT_MODES)}, got {mode!r}")
     if batch < 1 or (mode != "whole" and batch != 1):
         raise ValueError(f"batch must be ≥ 1 (and 1 for {mode}), got {batch}")
-    if mode != "whole" and output_kind != "labels_confidence":
+    if mode == "coarse_to_fine" and output_kind != "labels_confidence":
         raise ValueError(f"{mode} graphs output labels and confidence, not {output_kind}")
     if resize_in_graph and (mode != "whole" or output_kind != "labels_confidence"):
         raise ValueError("resize_in_graph needs a whole-image graph that outputs labels and confidence")
@@ -390,6 +439,8 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
     if mode == "whole":
         graphs, inference, parity, flops = _export_whole(cfg, weights, out, size, output_kind, formats, opset, atol,
                                                          batch, seed, resize_in_graph)
+    elif mode == "slide":
+        graphs, inference, parity, flops = _export_slide(cfg, weights, out, size, formats, opset, atol, seed)
     else:
         graphs, inference, parity, flops = _export_coarse_to_fine(cfg, weights, out, size, formats, opset, atol,
                                                                   seed)
@@ -474,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, help="graph input width (see --height)")
     parser.add_argument("--output-kind", choices=("labels_confidence", "logits"), default="labels_confidence")
     parser.add_argument("--formats", default="onnx,torchscript", help="comma list of onnx, torchscript")
-    parser.add_argument("--mode", choices=("whole", "coarse_to_fine"),
-                        help="graphs to export (default: coarse_to_fine for a model with a refine head, else whole)")
+    parser.add_argument("--mode", choices=EXPORT_MODES,
+                        help="graphs to export (default: coarse_to_fine for a model with a refine head, slide for "
+                        "MFuser, else whole)")
     parser.add_argument("--resize-in-graph", action="store_true",
                         help="whole mode: the graph takes frames of any size and resizes them on the device")
     parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the graphs (cameras per inference)")

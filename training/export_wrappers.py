@@ -173,3 +173,23 @@ class RefineGraph(nn.Module):
         canvas = torch.zeros(channels, self.num_groups * pixels, device=full.device, dtype=full.dtype)
         change = canvas.index_add(1, target, delta).reshape(channels, self.num_groups, pixels).sum(dim=1)
         return full[None] + change.reshape(1, *full.shape) / self.count
+
+
+class WindowGraph(nn.Module):
+    """Slide inference's window graph: uint8 (K,w,w,3) RGB windows → class scores float32 (K,C,w,w).
+
+    K is free (the runtime batches as many windows of a frame as it likes); the scores are the
+    model's output resized bilinearly to the window, which the runtime averages over overlapping
+    windows before the softmax and argmax (mmseg's slide inference).
+    """
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor]:
+        x = normalize(windows.permute(0, 3, 1, 2).float(), self.mean, self.std)
+        scores = self.model(x)
+        return (F.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False),)
