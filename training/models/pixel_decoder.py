@@ -1,0 +1,356 @@
+"""Text-conditioned multi-scale deformable-attention pixel decoder (the tqdm / MFuser decode head's first half).
+
+Inputs are the backbone pyramid (highest resolution first; 144², 72², 36², 18² with 2048 channels for a
+512² crop) and the refined class-text embeddings (N, num_texts, text_dim). Structure, as the official tqdm
+decoder:
+
+1. The ``num_deform_levels`` lowest-resolution maps (18², 36², 72²) each go through a 1×1 conv + GroupNorm(32)
+   to ``conv_dim`` and are flattened into one token sequence, lowest resolution first. Their positional
+   embedding is a normalised sine encoding plus a learned per-level embedding (level 0 = lowest resolution).
+2. ``num_layers`` post-norm layers, each
+   x = LN(x + MSDeformAttn(q = x + pos, values = x)), over all levels, reference points at pixel centres;
+   x = LN(x + MHA(q = x + pos, k = text + text_pos, v = text)), pixels attending to the text tokens
+   (text = Linear(text_dim → conv_dim)(text), text_pos a learned num_texts × conv_dim table);
+   x = LN(x + FFN(x)), FFN conv_dim → ffn_dim → conv_dim with ReLU;
+   then one final LayerNorm over the result (the encoder's post-norm).
+3. FPN on the remaining high-resolution input(s): lateral 1×1 conv + GN, plus the bilinearly upsampled
+   (align_corners=False) highest-resolution encoder output, then 3×3 conv + GN + ReLU; a 1×1 conv gives the
+   mask features.
+
+The official layers drop out nothing (all rates 0.0); ``dropout`` keeps the places where mmcv applies it
+(after each attention's output projection, and inside the FFN after the activation and after the second
+linear layer) for experiments. Submodule and parameter names mirror the mmcv checkpoints
+(``input_convs.0.conv``/``.gn``, ``encoder.layers.k.attentions.{0,1}``, ``norms.{0,1,2}``,
+``ffns.0.layers``, ``encoder.post_norm``, ``level_encoding``, ``lateral_convs``, ``output_convs``,
+``mask_feature``, ``text_proj``, ``text_pos_embed``), so decode-head weights load by name after the
+``decode_head.pixel_decoder.`` prefix is stripped.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.models.ms_deform_attn import MSDeformAttn
+from training.models.position_encoding import SinePositionEncoding
+
+GN_GROUPS = 32
+
+
+class ConvGN(nn.Module):
+    """Conv2d → GroupNorm (→ ReLU), mmcv ``ConvModule`` naming (``conv``, ``gn``).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels (a multiple of the GroupNorm group count).
+        kernel_size: square kernel; padding keeps the size.
+        bias: conv bias (redundant before GroupNorm, but the input projections of the official decoder
+            have one).
+        relu: apply ReLU after the norm.
+        groups: GroupNorm groups.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, bias: bool = True,
+                 relu: bool = False, groups: int = GN_GROUPS) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.gn = nn.GroupNorm(groups, out_channels)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply conv, norm and (optionally) ReLU.
+
+        Args:
+            x: (N, in_channels, H, W).
+
+        Returns:
+            (N, out_channels, H, W).
+        """
+        x = self.gn(self.conv(x))
+        return F.relu(x) if self.relu else x
+
+
+class TextCrossAttention(nn.Module):
+    """Pixels-to-text multi-head attention; ``attn`` holds torch's packed in/out projections (mmcv naming).
+
+    Args:
+        embed_dim: channel width of pixels and projected text.
+        num_heads: attention heads.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Attend from pixels to text tokens.
+
+        Args:
+            query: (N, Lq, C) pixel tokens (with their positional embedding).
+            key: (N, T, C) text tokens with the text positional embedding.
+            value: (N, T, C) text tokens.
+
+        Returns:
+            (N, Lq, C), after the output projection (no residual).
+        """
+        return self.attn(query, key, value, need_weights=False)[0]
+
+
+class FFN(nn.Module):
+    """Two-layer ReLU MLP; ``layers`` nests like mmcv's FFN so the checkpoint keys match.
+
+    Args:
+        embed_dim: input and output width.
+        hidden_dim: hidden width.
+        dropout: after the activation and after the second linear layer.
+    """
+
+    def __init__(self, embed_dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.ReLU(inplace=True), nn.Dropout(dropout)),
+            nn.Linear(hidden_dim, embed_dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the MLP (no residual).
+
+        Args:
+            x: (..., embed_dim).
+
+        Returns:
+            (..., embed_dim).
+        """
+        return self.layers(x)
+
+
+class TextPixelDecoderLayer(nn.Module):
+    """One post-norm encoder layer: deformable self-attention → text cross-attention → FFN.
+
+    Args:
+        embed_dim: token width.
+        num_heads: heads of both attentions.
+        num_levels: feature levels of the deformable attention.
+        num_points: sampling points per head and level.
+        ffn_dim: FFN hidden width.
+        dropout: on each attention's output before its residual add, and inside the FFN.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_levels: int, num_points: int, ffn_dim: int,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList([
+            MSDeformAttn(embed_dim, num_heads, num_levels, num_points),
+            TextCrossAttention(embed_dim, num_heads),
+        ])
+        self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(3)])
+        self.ffns = nn.ModuleList([FFN(embed_dim, ffn_dim, dropout)])
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
+                spatial_shapes: Sequence[tuple[int, int]], text: torch.Tensor, text_pos: torch.Tensor) -> torch.Tensor:
+        """Update the pixel tokens.
+
+        Args:
+            x: (N, S, C) pixel tokens of all levels.
+            pos: (N, S, C) their positional embedding (sine + level).
+            reference_points: (N, S, levels, 2), each token's pixel centre in [0, 1]².
+            spatial_shapes: (h, w) of each level, in token order.
+            text: (N, T, C) projected text tokens.
+            text_pos: (1 or N, T, C) text positional embedding.
+
+        Returns:
+            (N, S, C).
+        """
+        # The values are the tokens without position; only offsets and weights see it (through the query).
+        x = self.norms[0](x + self.dropout(self.attentions[0](x + pos, reference_points, x, spatial_shapes)))
+        x = self.norms[1](x + self.dropout(self.attentions[1](x + pos, text + text_pos, text)))
+        return self.norms[2](x + self.ffns[0](x))
+
+
+class TextPixelEncoder(nn.Module):
+    """The stack of encoder layers plus the final LayerNorm (``layers``, ``post_norm``).
+
+    Args:
+        num_layers: encoder layers.
+        embed_dim: token width.
+        num_heads: attention heads.
+        num_levels: deformable-attention levels.
+        num_points: sampling points per head and level.
+        ffn_dim: FFN hidden width.
+        dropout: see ``TextPixelDecoderLayer``.
+    """
+
+    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, num_levels: int, num_points: int,
+                 ffn_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([
+            TextPixelDecoderLayer(embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout)
+            for _ in range(num_layers)
+        ])
+        self.post_norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
+                spatial_shapes: Sequence[tuple[int, int]], text: torch.Tensor, text_pos: torch.Tensor) -> torch.Tensor:
+        """Run all layers, then the final norm (applied once, to the output only).
+
+        Args:
+            x: (N, S, C).
+            pos: (N, S, C).
+            reference_points: (N, S, levels, 2).
+            spatial_shapes: (h, w) per level.
+            text: (N, T, C).
+            text_pos: (1 or N, T, C).
+
+        Returns:
+            (N, S, C).
+        """
+        for layer in self.layers:
+            x = layer(x, pos, reference_points, spatial_shapes, text, text_pos)
+        return self.post_norm(x)
+
+
+def pixel_centres(spatial_shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """Normalised pixel centres of every level, concatenated in token order.
+
+    Args:
+        spatial_shapes: (h, w) per level.
+        dtype: output dtype.
+        device: output device.
+
+    Returns:
+        (S, 2) as (x, y) = ((j + 0.5)/w, (i + 0.5)/h), row-major within each level.
+    """
+    points = []
+    for h, w in spatial_shapes:
+        ys = (torch.arange(h, dtype=dtype, device=device) + 0.5) / h
+        xs = (torch.arange(w, dtype=dtype, device=device) + 0.5) / w
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2))
+    return torch.cat(points, dim=0)
+
+
+class TextPixelDecoder(nn.Module):
+    """Text-conditioned MSDeformAttn pixel decoder: pyramid + text → mask features and encoder levels.
+
+    Args:
+        in_channels: channels of each input level, highest resolution first (e.g. [2048] * 4 for maps of
+            144², 72², 36², 18²). At least ``num_deform_levels`` levels; those beyond the deformable ones (the
+            highest-resolution ones) go through the FPN.
+        text_dim: width of the text embeddings.
+        num_texts: number of text tokens (classes); the text positional table has this many rows.
+        conv_dim: token / feature width inside the decoder.
+        mask_dim: channels of the mask features.
+        num_layers: encoder layers.
+        num_heads: attention heads (deformable and text attention).
+        num_points: deformable sampling points per head and level.
+        ffn_dim: FFN hidden width (2048 in the official config, which overrides the 1024 of its FFN block).
+        dropout: dropout rate in the encoder layers; the official decoder uses 0.0 everywhere.
+        num_deform_levels: lowest-resolution levels refined by the encoder.
+    """
+
+    def __init__(self, in_channels: list[int], text_dim: int = 768, num_texts: int = 19, conv_dim: int = 256,
+                 mask_dim: int = 256, num_layers: int = 6, num_heads: int = 8, num_points: int = 4,
+                 ffn_dim: int = 2048, dropout: float = 0.0, num_deform_levels: int = 3) -> None:
+        super().__init__()
+        if len(in_channels) < num_deform_levels:
+            raise ValueError(f"TextPixelDecoder: {num_deform_levels} deformable levels need at least as many "
+                             f"inputs, got in_channels {in_channels}")
+        self.in_channels = list(in_channels)
+        self.num_texts = num_texts
+        self.conv_dim = conv_dim
+        self.num_deform_levels = num_deform_levels
+        self.num_fpn_levels = len(in_channels) - num_deform_levels
+        num_inputs = len(in_channels)
+        # Index 0 is the lowest-resolution input (the last in ``in_channels``), as the level embedding.
+        self.input_convs = nn.ModuleList([
+            ConvGN(in_channels[num_inputs - 1 - i], conv_dim, kernel_size=1, bias=True)
+            for i in range(num_deform_levels)
+        ])
+        self.position_encoding = SinePositionEncoding(conv_dim // 2, normalize=True)
+        self.level_encoding = nn.Embedding(num_deform_levels, conv_dim)
+        self.encoder = TextPixelEncoder(num_layers, conv_dim, num_heads, num_deform_levels, num_points, ffn_dim,
+                                        dropout)
+        self.text_proj = nn.Linear(text_dim, conv_dim)
+        self.text_pos_embed = nn.Embedding(num_texts, conv_dim)
+        # FPN steps from low to high resolution: step j refines input num_fpn_levels − 1 − j.
+        self.lateral_convs = nn.ModuleList([
+            ConvGN(in_channels[self.num_fpn_levels - 1 - j], conv_dim, kernel_size=1, bias=False)
+            for j in range(self.num_fpn_levels)
+        ])
+        self.output_convs = nn.ModuleList([
+            ConvGN(conv_dim, conv_dim, kernel_size=3, bias=False, relu=True) for _ in range(self.num_fpn_levels)
+        ])
+        self.mask_feature = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise as the official decoder does.
+
+        Input projections xavier-uniform; FPN and mask convs "caffe2 xavier" (kaiming-uniform with a = 1,
+        i.e. U(±√(3/fan_in))); conv biases 0; level embedding N(0, 1); every matrix in the encoder
+        xavier-normal, then the deformable attentions' own init on top. Norms, the text projection and the
+        text positional table keep torch's defaults, as in the official code.
+        """
+        for block in self.input_convs:
+            nn.init.xavier_uniform_(block.conv.weight)
+            nn.init.zeros_(block.conv.bias)
+        for conv in [b.conv for b in self.lateral_convs] + [b.conv for b in self.output_convs] + [self.mask_feature]:
+            nn.init.kaiming_uniform_(conv.weight, a=1, mode="fan_in", nonlinearity="leaky_relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.level_encoding.weight, mean=0.0, std=1.0)
+        for p in self.encoder.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_normal_(p)
+        for layer in self.encoder.layers:
+            layer.attentions[0].reset_parameters()
+
+    def forward(self, features: list[torch.Tensor], text: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Decode the pyramid under text guidance.
+
+        Args:
+            features: one (N, in_channels[i], H_i, W_i) map per input level, highest resolution first.
+            text: (N, num_texts, text_dim) class-text embeddings.
+
+        Returns:
+            mask_features: (N, mask_dim, H_0, W_0), at the highest input resolution.
+            multi_scale: the ``num_deform_levels`` encoder outputs as (N, conv_dim, h, w), lowest resolution
+                first (18², 36², 72² for a 512² crop), the order the transformer decoder cycles through.
+        """
+        if len(features) != len(self.in_channels):
+            raise ValueError(f"TextPixelDecoder: {len(self.in_channels)} feature maps expected, got {len(features)}")
+        if text.dim() != 3 or text.shape[1] != self.num_texts:
+            raise ValueError(f"TextPixelDecoder: text must be (N, {self.num_texts}, text_dim), got {tuple(text.shape)}")
+        n = features[0].shape[0]
+        tokens, positions, spatial_shapes = [], [], []
+        for i, conv in enumerate(self.input_convs):
+            projected = conv(features[len(features) - 1 - i])
+            h, w = int(projected.shape[-2]), int(projected.shape[-1])
+            pos = self.position_encoding(projected) + self.level_encoding.weight[i].view(1, -1, 1, 1)
+            tokens.append(projected.flatten(2).transpose(1, 2))  # (N, h·w, C)
+            positions.append(pos.flatten(2).transpose(1, 2))
+            spatial_shapes.append((h, w))
+        x = torch.cat(tokens, dim=1)
+        pos = torch.cat(positions, dim=1)
+        # Every token samples all levels around its own centre (the same normalised point on each level).
+        centres = pixel_centres(spatial_shapes, x.dtype, x.device)
+        reference_points = centres[None, :, None, :].expand(n, -1, self.num_deform_levels, -1)
+        text_tokens = self.text_proj(text)
+        text_pos = self.text_pos_embed.weight.to(text_tokens.dtype).unsqueeze(0)
+        x = self.encoder(x, pos, reference_points, spatial_shapes, text_tokens, text_pos)
+
+        sizes = [h * w for h, w in spatial_shapes]
+        outs = [chunk.transpose(1, 2).reshape(n, self.conv_dim, h, w)
+                for chunk, (h, w) in zip(x.split(sizes, dim=1), spatial_shapes)]
+        for j, (lateral, output) in enumerate(zip(self.lateral_convs, self.output_convs)):
+            lat = lateral(features[self.num_fpn_levels - 1 - j])
+            up = F.interpolate(outs[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False)
+            outs.append(output(lat + up))
+        return self.mask_feature(outs[-1]), outs[:self.num_deform_levels]
