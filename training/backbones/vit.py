@@ -119,7 +119,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
-def create_vit(name: str, img_size: tuple[int, int], weights: str = "", overrides: dict | None = None) -> nn.Module:
+def create_vit(name: str, img_size: tuple[int, int], weights: str = "", overrides: dict | None = None,
+               num_classes: int = 0) -> nn.Module:
     """Build a timm ViT at ``img_size`` (H, W).
 
     Args:
@@ -128,13 +129,15 @@ def create_vit(name: str, img_size: tuple[int, int], weights: str = "", override
         weights: "" (random init), "hub" (timm/Hugging Face download, needs network) or a local file
             (.safetensors, .pth/.pt, loaded safely).
         overrides: timm constructor kwargs (embed_dim, depth, num_heads, …) for small variants.
+        num_classes: width of timm's ``head``; 0 (default) leaves no head. A CLIP vision tower keeps its
+            image-text projection there (768 for EVA02-CLIP-L and OpenAI CLIP-L), so its weights load too.
     """
     from .catalog import resolve_timm_name
 
     timm_name, kwargs = resolve_timm_name(name, hub=weights == "hub")
     kwargs.update(overrides or {})
     model = timm.create_model(timm_name, pretrained=(weights == "hub"), img_size=tuple(img_size),
-                              num_classes=0, **kwargs)
+                              num_classes=num_classes, **kwargs)
     if weights and weights != "hub":
         load_backbone_weights(model, weights)
     return model
