@@ -48,6 +48,12 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     output_kind: str
+    onnx_data: tuple[str, ...] = ()  # files beside the ONNX graph holding its weights (graphs over 2 GB)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file of the graph: ONNX, its external weights, TorchScript."""
+        return tuple(f for f in (self.onnx, *self.onnx_data, self.torchscript) if f)
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,10 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
             inputs=_tensor_specs(g.get("inputs"), wg + ".inputs"),
             outputs=_tensor_specs(g.get("outputs"), wg + ".outputs"),
             output_kind=kind,
+            onnx_data=tuple(str(f) for f in g.get("onnx_data", [])),
         )
+        if any(Path(f).name != f or f in ("", ".", "..") for f in spec.files):
+            raise CardError(f"{wg}: graph files must be plain names inside the package, got {list(spec.files)}")
         if spec.onnx is None and spec.torchscript is None:
             raise CardError(f"{wg}: names neither an onnx nor a torchscript file")
         batch = spec.inputs[0].shape[0] if spec.inputs[0].shape else 0
@@ -276,9 +285,7 @@ def load_card(model_dir: str | Path, verify_checksums: bool = True) -> ModelCard
         raise CardError(f"{path} must hold a JSON object")
     card = parse_card(data, directory)
     for spec in card.graphs.values():
-        for fname in (spec.onnx, spec.torchscript):
-            if fname is None:
-                continue
+        for fname in spec.files:
             fpath = directory / fname
             if not fpath.is_file():
                 raise CardError(f"model package {directory}: graph file {fname} is missing")
@@ -294,7 +301,8 @@ def load_card(model_dir: str | Path, verify_checksums: bool = True) -> ModelCard
 
 def write_card(model_dir: Path, data: dict[str, Any]) -> ModelCard:
     """Fill in graph checksums, write card.json, and validate it by loading it back."""
-    files = [f for g in data["graphs"].values() for f in (g.get("onnx"), g.get("torchscript")) if f]
+    files = [f for g in data["graphs"].values() for f in (g.get("onnx"), *g.get("onnx_data", []), g.get("torchscript"))
+             if f]
     data = dict(data, schema_version=SCHEMA_VERSION,
                 checksums={f: sha256_file(model_dir / f) for f in files})
     (model_dir / CARD_FILE).write_text(json.dumps(data, indent=2) + "\n")

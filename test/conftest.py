@@ -38,6 +38,29 @@ TINY_C2F_CONFIG = {
 }
 
 
+# A tiny MFuser: DINOv2- and EVA02-shaped towers of width 32 and depth 4 at 56² (4×4 tokens), a 2-layer
+# EVA02-CLIP-shaped text tower with a 24-wide joint space, and a small head; 56-pixel windows every 37 pixels
+# of a 112×150 working frame for slide inference.
+TINY_MFUSER_CONFIG = {
+    "name": "tiny_mfuser_test",
+    "model": {
+        "family": "mfuser",
+        "img_size": [56, 56],
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+        "backbone": {"name": "vit_small_patch14_dinov2", "weights": "", "lora": None, "finetune": "frozen",
+                     "overrides": {"embed_dim": 32, "depth": 4, "num_heads": 2}},
+        "mfuser": {
+            "vlm": {"name": "eva02_l14", "overrides": {"embed_dim": 32, "depth": 4, "num_heads": 2}, "embed_dim": 24},
+            "text": {"name": "eva02_clip_l14", "overrides": {"width": 32, "layers": 2, "heads": 2, "output_dim": 24}},
+            "enhancer_width": 16, "enhancer_heads": 2, "conv_dim": 32, "mask_dim": 32, "pixel_decoder_layers": 2,
+            "decoder_layers": 3, "heads": 4, "ffn_dim": 64, "num_points": 64,
+        },
+    },
+    "inference": {"mode": "slide", "test_size": [112, 150], "window": 56, "stride": 37},
+}
+
+
 def make_tiny_weights(path: Path, seed: int = 0, config: dict | None = None, sharpen: float = 200.0) -> "object":
     """Random-initialised tiny VFMNet weights (LoRA B non-zero so merging matters); returns the config."""
     import torch
@@ -81,6 +104,44 @@ def tiny_c2f_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     work = tmp_path_factory.mktemp("tiny_c2f")
     cfg = make_tiny_weights(work / "weights.safetensors", seed=3, config=TINY_C2F_CONFIG, sharpen=20.0)
+    export_package(cfg, work / "weights.safetensors", work / "package")
+    return work / "package"
+
+
+def make_tiny_mfuser_weights(path: Path, seed: int = 0) -> "object":
+    """Random tiny MFuser weights (fusers' scales non-zero so fusion matters, sharp masks); returns the config."""
+    import torch
+    from safetensors.torch import save_file
+
+    from training.build import build_model
+    from training.config import config_from_dict
+
+    cfg = config_from_dict(TINY_MFUSER_CONFIG)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    state = model.state_dict()
+    for k, v in state.items():
+        if k.startswith("backbone.fusers.") and k.endswith(".scale"):
+            state[k] = torch.full_like(v, 0.5)
+        elif k == "decode_head.decoder.mask_embed.4.weight":
+            # Sharp masks: at random init every query's mask is ≈ 0.5 everywhere and the labels constant,
+            # which would let wrong outputs pass the tests.
+            state[k] = v * 40.0
+        elif k == "decode_head.decoder.cls_embed.weight":
+            state[k] = v * 10.0  # each query decides on a class of its own
+        elif k == "text_encoder.contexts":
+            state[k] = v * 0.02  # the official N(0, 1) context drowns the class names at random init
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_mfuser_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported tiny MFuser slide package; its weights beside it (weights.safetensors)."""
+    from training.export import export_package
+
+    work = tmp_path_factory.mktemp("tiny_mfuser")
+    cfg = make_tiny_mfuser_weights(work / "weights.safetensors")
     export_package(cfg, work / "weights.safetensors", work / "package")
     return work / "package"
 

@@ -184,6 +184,19 @@ def test_coarse_to_fine_package(tmp_path, tiny_c2f_dir, ros_domain_id):
             assert h.close() == 0, h.log.read_text()
 
 
+def test_mfuser_slide_package(tmp_path, tiny_mfuser_dir, ros_domain_id):
+    """An MFuser package (slide inference, windows batched) runs unchanged in the node."""
+    frame = make_image(9000, 200, 130, "rgb8")
+    h = Harness(tmp_path, tiny_mfuser_dir, "raw", ["-p", "window_batch:=4"], ns="/mfuser")
+    try:
+        out = h.send(frame)
+        assert (out.width, out.height) == (200, 130) and out.header.frame_id == "camera_optical"
+        expected = Segmenter(tiny_mfuser_dir, backend="onnx").segment(image_to_rgb(frame))
+        np.testing.assert_array_equal(labels_array(out), expected.labels)
+    finally:
+        assert h.close() == 0, h.log.read_text()
+
+
 def test_bad_model_exits_with_clear_error(tmp_path, ros_domain_id):
     proc = start_node_process(["-p", f"model:={tmp_path / 'missing'}"], tmp_path / "log.txt")
     proc.wait(timeout=60)

@@ -53,11 +53,76 @@ class RefineConfig:
 
 
 @dataclass
+class VisionConfig:
+    """A frozen vision tower beside the main backbone (MFuser's VLM image encoder)."""
+
+    name: str = "eva02_l14"  # catalog key or timm name
+    weights: str = ""  # "" random init, "hub", or a local file
+    overrides: dict[str, Any] = field(default_factory=dict)
+    embed_dim: int = 768  # width of its projection head (the joint image-text space)
+
+
+@dataclass
+class TextConfig:
+    """The frozen VLM text tower and its learnable prompt context (CoOp)."""
+
+    name: str = "eva02_clip_l14"  # text tower key (see training.models.text_encoder)
+    weights: str = ""  # "" random init, "hub", or a local CLIP checkpoint
+    overrides: dict[str, Any] = field(default_factory=dict)
+    context_length: int | None = None  # None: the tower's official length (13 for EVA02-CLIP, 10 for CLIP/SigLIP)
+    n_ctx: int | None = None  # learnable context tokens after SOT; None: context_length − 5
+
+
+@dataclass
+class MFuserConfig:
+    """MFuser's parts beyond the DINOv2 backbone (``model.backbone``): sizes of the official model."""
+
+    vlm: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # MVFuser after every block pair.
+    d_state: int = 16
+    d_conv: int = 3
+    dt_rank: int | None = None  # None: ceil(width / 16)
+    fuser_dropout: float = 0.1
+    scan_chunk: int = 8
+    # Per-layer Linear projections around each fuser (the official stride-16 CLIP-L variant has them even at
+    # equal widths); None: only where the towers' widths differ.
+    projections: bool | None = None
+    # MTEnhancer (the context decoder refining the text queries with the image).
+    enhancer_width: int = 256
+    enhancer_heads: int = 4
+    enhancer_layers: int = 1
+    enhancer_dropout: float = 0.1
+    # None: as the released code, which fills γ with 1e-4 and then overwrites it with trunc_normal(std 1);
+    # a number fills γ with it (1e-4 for the near-identity start the fill intended).
+    gamma_init: float | None = None
+    # tqdm's text-query Mask2Former head.
+    conv_dim: int = 256
+    mask_dim: int = 256
+    pixel_decoder_layers: int = 6
+    decoder_layers: int = 9
+    heads: int = 8
+    points: int = 4
+    ffn_dim: int = 2048
+    # Losses: identity-assigned mask classification on every prediction set, plus pixel-text alignment.
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    align_weight: float = 1.0
+    tau: float = 0.07
+
+
+@dataclass
 class ModelConfig:
-    family: str = "vfmnet_mgrnet"
+    family: str = "vfmnet_mgrnet"  # vfmnet_mgrnet | mfuser
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     refine: RefineConfig | None = None  # None: VFMNet alone (whole-image inference only)
+    mfuser: MFuserConfig | None = None  # the family mfuser's parts; backbone is its DINOv2
     num_classes: int = 19
     img_size: list[int] = field(default_factory=lambda: [512, 512])  # (H, W) the network sees
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])

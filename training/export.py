@@ -29,13 +29,21 @@ from dgss_perception.labels import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 
 from .checkpoint import load_state_dict_file
 from .config import TrainConfig, load_config
-from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph, WindowGraph
+from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph, WindowGraph, with_constant_text
 from .inference import model_at_size, window_grid
 
 GRAPH = "whole"
 EXPORT_MODES = ("whole", "slide", "coarse_to_fine")
 # Families whose models are trained and tested on fixed windows (MFuser's EVA02 takes exactly 512²).
 SLIDE_FAMILIES = ("mfuser", "depthforge", "rein")
+
+
+def backbone_names(cfg: TrainConfig) -> list[str]:
+    """The foundation models a package runs: the backbone, and MFuser's VLM vision tower beside DINOv2."""
+    names = [cfg.model.backbone.name]
+    if cfg.model.mfuser is not None:
+        names.append(cfg.model.mfuser.vlm.name)
+    return names
 
 
 def default_export_mode(cfg: TrainConfig) -> str:
@@ -55,8 +63,11 @@ class ParityError(RuntimeError):
 
 
 def load_export_model(cfg: TrainConfig, weights: Path, size: tuple[int, int]) -> nn.Module:
-    """The trained model at ``size`` with LoRA merged into the backbone, in eval mode."""
-    return model_at_size(cfg, load_state_dict_file(weights), size)
+    """The trained model at ``size``, in eval mode: LoRA merged into the backbone, MFuser's text embeddings constant."""
+    model = with_constant_text(model_at_size(cfg, load_state_dict_file(weights), size))
+    # No gradients in an exported graph; parameters passed between modules as inputs (MFuser's text
+    # positions) would otherwise trip the FLOP counter's module tracker under no_grad.
+    return model.requires_grad_(False)
 
 
 def count_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
@@ -204,6 +215,34 @@ def _graph_files(out: Path, graph_name: str, module: nn.Module, example: tuple[t
     if ts_name:
         export_torchscript(module, example, out / ts_name)
     return onnx_name, ts_name
+
+
+def external_data_files(out: Path, onnx_name: str, force: bool = False) -> list[str]:
+    """The files holding an ONNX graph's weights outside it; with ``force`` move every weight out first.
+
+    ONNX files cannot exceed 2 GB (protobuf), so the exporter writes the weights of larger models
+    (MFuser, DepthForge in fp32) to a file beside the graph; the card lists and checksums it.
+    """
+    import onnx
+
+    path = out / onnx_name
+    model = onnx.load(str(path), load_external_data=False)
+    if force and not _external_locations(model):
+        model = onnx.load(str(path))
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{onnx_name}.data", size_threshold=1024)
+        model = onnx.load(str(path), load_external_data=False)
+    return _external_locations(model)
+
+
+def _external_locations(model: Any) -> list[str]:
+    import onnx
+
+    locations = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations |= {e.value for e in tensor.external_data if e.key == "location"}
+    return sorted(locations)
 
 
 def _run_exported(out: Path, onnx_name: str | None, ts_name: str | None, input_names: list[str],
@@ -395,7 +434,7 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
                    output_kind: str = "labels_confidence", formats: tuple[str, ...] = ("onnx", "torchscript"),
                    opset: int = 18, atol: float = 1e-4, overwrite: bool = False, name: str | None = None,
                    batch: int = 1, mode: str | None = None, resize_in_graph: bool = False,
-                   benchmark: bool = False) -> dict:
+                   benchmark: bool = False, external_data: bool = False) -> dict:
     """Write a model package to ``out``; raise ParityError when a graph disagrees with eager PyTorch.
 
     Args:
@@ -407,6 +446,8 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
             to that many frames in one inference.
         resize_in_graph: (``whole`` only) the graph takes frames of any size, stretches them to ``size``
             itself and returns labels at the frame's size, so the host does no image work.
+        external_data: keep every ONNX graph's weights in a ``<graph>.onnx.data`` file beside it (always
+            done for graphs over 2 GB, whose weights cannot live inside the ONNX file).
         benchmark: ``weights`` are a random initialisation (``training.bench_models``): the card says
             so (``benchmark: true`` at the top and in ``export``, ``export.weights`` "random (benchmark)").
 
@@ -448,13 +489,18 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
     import onnx
     import timm
 
+    for spec in graphs.values():
+        if spec.get("onnx"):
+            data = external_data_files(out, spec["onnx"], force=external_data)
+            if data:
+                spec["onnx_data"] = data
     n = cfg.model.num_classes
     classes = list(CITYSCAPES_CLASSES) if n == 19 else [f"class_{i}" for i in range(n)]
     palette = [list(c) for c in CITYSCAPES_PALETTE][: cfg.model.num_classes]
     card = {
         "name": name or cfg.name,
         "family": cfg.model.family,
-        "backbones": [cfg.model.backbone.name],
+        "backbones": backbone_names(cfg),
         "classes": classes,
         "palette": palette,
         "ignore_index": 255,
@@ -472,6 +518,11 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
                    "backbone": {"name": cfg.model.backbone.name, "overrides": cfg.model.backbone.overrides,
                                 "lora": "merged" if cfg.model.backbone.lora else None}},
     }
+    if cfg.model.mfuser is not None:
+        m = cfg.model.mfuser
+        card["export"]["mfuser"] = {"vlm": {"name": m.vlm.name, "overrides": m.vlm.overrides},
+                                    "text": {"name": m.text.name, "overrides": m.text.overrides,
+                                             "in_graph": "class embeddings precomputed as a constant"}}
     if benchmark:
         # Twice: at the top for anyone reading card.json, in ``export`` for the runtime's ModelCard.export.
         card["benchmark"] = True
@@ -534,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance")
     parser.add_argument("--name", help="package name (default: the config's name)")
+    parser.add_argument("--external-data", action="store_true",
+                        help="keep ONNX weights in <graph>.onnx.data files (automatic above 2 GB)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if not (args.run or (args.config and args.weights)):
@@ -547,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         formats = parse_formats(parser, args.formats)
         card = export_package(cfg, weights, Path(args.out), size, args.output_kind, formats, args.opset,
                               args.atol, args.overwrite, args.name, args.batch, args.mode,
-                              resize_in_graph=args.resize_in_graph)
+                              resize_in_graph=args.resize_in_graph, external_data=args.external_data)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

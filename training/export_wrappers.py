@@ -175,6 +175,30 @@ class RefineGraph(nn.Module):
         return full[None] + change.reshape(1, *full.shape) / self.count
 
 
+class ConstantText(nn.Module):
+    """A text encoder's output held as a constant (K, E).
+
+    MFuser's class embeddings come from the frozen text tower and the learned prompt context, never
+    from the image: an exported graph embeds the result instead of the text tower (≈ 124M weights).
+    """
+
+    def __init__(self, text: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("text", text.detach().clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.text
+
+
+def with_constant_text(model: nn.Module) -> nn.Module:
+    """Replace ``model.text_encoder`` (MFuser) by its output, computed once; other models pass through."""
+    encoder = getattr(model, "text_encoder", None)
+    if encoder is not None and not isinstance(encoder, ConstantText):
+        with torch.no_grad():
+            model.text_encoder = ConstantText(encoder())
+    return model
+
+
 class WindowGraph(nn.Module):
     """Slide inference's window graph: uint8 (K,w,w,3) RGB windows → class scores float32 (K,C,w,w).
 

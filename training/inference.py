@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones.lora import merge_lora
-from .build import build_vfmnet
+from .build import build_model
 from .config import InferenceConfig, TrainConfig
 from .models.preprocess import normalize
 
@@ -62,7 +62,7 @@ def model_at_size(cfg: TrainConfig, state: dict[str, torch.Tensor], size: tuple[
     The ViT's positional embedding is fixed per size (resampled once here), which keeps
     every graph free of runtime interpolation.
     """
-    model = build_vfmnet(cfg.model, img_size=size, with_lora=True, load_weights=False)
+    model = build_model(cfg.model, img_size=size, with_lora=True, load_weights=False)
     model.load_state_dict(fit_state_to_model(state, model, tuple(cfg.model.img_size)))
     merge_lora(model)
     return model.eval()

@@ -2,7 +2,8 @@
 
 A model without a refine head (VFMNet alone) is trained on one view: the whole crop at the
 network size. A model with one (VFMNet + MGRNet, the VFMSeg model) is trained on two views of
-a larger crop (``two_view_losses``).
+a larger crop (``two_view_losses``). MFuser is trained with tqdm's mask classification losses on
+every prediction set plus the pixel-text alignment loss (``mfuser_losses``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 from dgss_perception.labels import IGNORE_INDEX
 
 from .config import TrainConfig
+from .mask_losses import mask_classification_loss, pixel_text_alignment_loss
+from .models.mfuser import MFuser
 
 # Corners of the high-resolution window lie on multiples of this many pixels (the official
 # crop_coord_divisible); with a 2× crop the context box then halves to whole pixels.
@@ -132,6 +135,8 @@ def compute_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     Without a refine head the whole crop runs through the model at its size (VFMNet's single
     view); with one, L_c + ``model.refine.loss_weight`` × L_d of :func:`two_view_losses`.
     """
+    if isinstance(model, MFuser):
+        return mfuser_losses(model, images, labels, cfg)
     if getattr(model, "refine_head", None) is not None:
         loss_coarse, loss_refine = two_view_losses(model, images, labels, cfg)
         loss = loss_coarse + cfg.model.refine.loss_weight * loss_refine
@@ -141,3 +146,30 @@ def compute_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     logits = model(images)
     loss = segmentation_loss(logits.float(), labels, cfg.optim.loss_norm)
     return loss, {"loss_coarse": float(loss.detach())}
+
+
+def mfuser_losses(model: MFuser, images: torch.Tensor, labels: torch.Tensor,
+                  cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """MFuser's objective: Σ over the prediction sets of 2·CE + 5·BCE + 5·Dice, plus L_reg^VL.
+
+    The mask terms are divided by the number of present classes, averaged over the ranks of a
+    distributed run (every rank then divides by the same count, as the official reduce_mean).
+    """
+    m = cfg.model.mfuser
+    out = model.forward_train(images)
+    present = torch.stack([(labels == c).any(dim=(1, 2)) for c in range(cfg.model.num_classes)], dim=1)
+    num_masks = present.sum().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        num_masks = num_masks.to(images.device)
+        torch.distributed.all_reduce(num_masks)
+        num_masks = num_masks / torch.distributed.get_world_size()
+    mask_losses = mask_classification_loss(
+        [c.float() for c in out.class_logits], [k.float() for k in out.mask_logits], labels,
+        num_classes=cfg.model.num_classes, class_weight=m.class_weight, mask_weight=m.mask_weight,
+        dice_weight=m.dice_weight, no_object_weight=m.no_object_weight, num_points=m.num_points,
+        oversample_ratio=m.oversample_ratio, importance_sample_ratio=m.importance_sample_ratio, num_masks=num_masks)
+    align = pixel_text_alignment_loss(out.score_map, labels, tau=m.tau, weight=m.align_weight)
+    loss = mask_losses["loss"] + align
+    parts = {k: float(mask_losses[k].detach()) for k in ("loss_cls", "loss_mask", "loss_dice")}
+    parts["loss_align"] = float(align.detach())
+    return loss, parts

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from dgss_perception.metrics import confusion_matrix, mean_iou
 
-from .build import build_vfmnet
+from .build import build_model
 from .config import TrainConfig, config_to_dict, load_config
 from .data.datasets import Sample, find_samples, load_sample
 from .data.loader import build_train_dataset
@@ -44,6 +44,7 @@ from .distributed import (DistContext, SyncCheck, any_over_ranks, barrier, distr
                           gather_objects, mean_over_ranks)
 from .models.preprocess import normalize
 from .inference import Predictor
+from .models.mfuser import MFuser
 from .objectives import compute_loss
 
 
@@ -64,10 +65,22 @@ class LossModule(nn.Module):
         return compute_loss(self.model, images, labels, self.cfg)
 
 
+# MFuser's frozen parts: both vision towers and the text tower. Everything else learns: the MVFusers,
+# the FPN, the prompt context, γ, MTEnhancer and the decode head (the paper's and the released code's split).
+MFUSER_FROZEN = ("backbone.dino.", "backbone.vlm.", "text_encoder.text.")
+
+
 def set_trainable(model: nn.Module, finetune: str) -> None:
-    """Training policy lives here, not in the model: which backbone weights learn (every other module does)."""
+    """Training policy lives here, not in the model: which backbone weights learn (every other module does).
+
+    ``finetune`` (lora | full | frozen) applies to VFMNet's backbone; MFuser's towers are always frozen.
+    """
     if finetune not in ("lora", "full", "frozen"):
         raise ValueError(f"backbone.finetune must be lora, full or frozen, got {finetune!r}")
+    if isinstance(model, MFuser):
+        for name, p in model.named_parameters():
+            p.requires_grad = not name.startswith(MFUSER_FROZEN)
+        return
     for child_name, child in model.named_children():
         for name, p in child.named_parameters():
             if child_name == "backbone":
@@ -207,7 +220,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume: bool, prog
     if not ctx.is_main:
         barrier(ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_vfmnet(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     if ctx.is_main:
         barrier(ctx)
     if ctx.distributed and device.type == "cuda":

@@ -1,0 +1,226 @@
+"""MFuser end to end: training step, trainable split, paper-size parameter counts, export, runtime, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_MFUSER_CONFIG
+from dgss_perception.card import CardError, load_card
+from dgss_perception.engine import Segmenter
+from onnxutil import op_types
+from training.build import build_model
+from training.checkpoint import load_state_dict_file
+from training.config import config_from_dict, load_config
+from training.export import export_package
+from training.inference import Predictor, window_grid
+from training.models.mfuser import MFuser
+from training.objectives import compute_loss
+from training.train import MFUSER_FROZEN, set_trainable
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+# Trainable at the top level: everything but the two vision towers and the text tower.
+TRAINABLE_ROOTS = ("backbone.fusers.", "backbone.fpn.", "text_encoder.contexts", "gamma", "context_decoder.",
+                   "decode_head.")
+
+
+def tiny_model(seed: int = 0) -> tuple[MFuser, object]:
+    cfg = config_from_dict(TINY_MFUSER_CONFIG)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    set_trainable(model, cfg.model.backbone.finetune)
+    return model, cfg
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 56, 56, generator=g)
+    labels = torch.randint(0, 19, (2, 56, 56), generator=g)
+    labels[:, :6] = 255
+    labels[1, 30:] = 4
+    return images, labels
+
+
+def test_forward_shapes_and_the_scores_are_the_last_set():
+    model, _ = tiny_model()
+    model.eval()
+    images, _ = batch()
+    with torch.no_grad():
+        scores = model(images)
+        out = model.forward_train(images)
+    assert scores.shape == (2, 19, 16, 16)  # 4×4 tokens, the FPN's 4× level
+    assert len(out.class_logits) == len(out.mask_logits) == 4  # initial queries + 3 decoder layers
+    assert out.class_logits[-1].shape == (2, 19, 20) and out.score_map.shape == (2, 19, 4, 4)
+    want = torch.einsum("nqc,nqhw->nchw", out.class_logits[-1].softmax(-1)[..., :19], out.mask_logits[-1].sigmoid())
+    torch.testing.assert_close(scores, want)
+    assert out.score_map.abs().max() <= 1.0 + 1e-5  # cosine similarities
+
+
+def test_gradients_reach_exactly_the_trainable_modules():
+    model, cfg = tiny_model()
+    images, labels = batch()
+    loss, parts = compute_loss(model, images, labels, cfg)
+    assert set(parts) == {"loss_cls", "loss_mask", "loss_dice", "loss_align"}
+    loss.backward()
+    for name, p in model.named_parameters():
+        trainable = name.startswith(TRAINABLE_ROOTS)
+        assert p.requires_grad == trainable, name
+        assert trainable == (not name.startswith(MFUSER_FROZEN)), name
+        if trainable:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, name
+    # The fusers, the prompt context, γ and MTEnhancer all learn from this loss.
+    for name in ("backbone.fusers.0.in_proj.weight", "backbone.fusers.3.out_proj.weight", "text_encoder.contexts",
+                 "gamma", "context_decoder.text_proj.1.weight", "backbone.fpn.fpn1.0.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_optimizer_steps_lower_the_loss():
+    model, cfg = tiny_model(seed=1)
+    images, labels = batch(1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+
+    def loss_now() -> float:
+        torch.manual_seed(0)  # the same sample points and dropout masks for both measurements
+        with torch.no_grad():
+            return float(compute_loss(model, images, labels, cfg)[0])
+
+    before = loss_now()
+    for step in range(6):
+        opt.zero_grad()
+        torch.manual_seed(step)
+        compute_loss(model, images, labels, cfg)[0].backward()
+        opt.step()
+    assert loss_now() < 0.9 * before
+
+
+def test_paper_size_parameter_counts():
+    """Per module at the official size, beside the reference (official_mfuser_tqdm.md §3–5)."""
+    cfg = load_config(CONFIGS / "mfuser_gta2cbm_eva02l.yaml")
+    with torch.device("meta"):
+        model = build_model(cfg.model, load_weights=False)
+
+    def count(prefix: str) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+
+    assert count("backbone.fusers.0.") == 1_667_585  # reference: 1.67M per MVFuser
+    assert count("backbone.fusers.") == 24 * 1_667_585  # 40.0M
+    assert count("backbone.fpn.") == 50_341_888
+    assert count("backbone.dino.") == 304_292_864  # DINOv2-L/14 at 512 (36² + 1 positions)
+    assert count("backbone.vlm.") == 305_170_112  # EVA02-CLIP-L/14 vision tower with its 1024→768 head
+    assert count("text_encoder.text.") == 123_601_152  # EVA02-CLIP text tower at 13 positions
+    assert count("text_encoder.contexts") == 8 * 768
+    assert count("context_decoder.") == 1_494_401  # MTEnhancer, 1 layer at width 256
+    assert count("decode_head.pixel_decoder.") == 12_086_208
+    assert count("decode_head.decoder.") == 14_680_084  # head total 26.77M (reference ≈ 26.8M)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(MFUSER_FROZEN))
+    assert trainable == 40_022_040 + 50_341_888 + 6_144 + 768 + 1_494_401 + 12_086_208 + 14_680_084
+    assert count("") == 40_022_040 + 50_341_888 + 304_292_864 + 305_170_112 + 123_601_152 + 6_144 + 768 \
+        + 1_494_401 + 12_086_208 + 14_680_084
+
+
+@pytest.mark.parametrize("name", ["mfuser_gta2cbm_eva02l.yaml", "mfuser_cs2acdc_eva02l.yaml"])
+def test_paper_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.model.family == "mfuser" and cfg.model.img_size == [512, 512]
+    assert cfg.inference.mode == "slide" and (cfg.inference.window, cfg.inference.stride) == (512, 341)
+    assert cfg.optim.lr_backbone == cfg.optim.lr_head == 1e-4 and cfg.optim.iters == 20000
+
+
+def test_package_card_parity_and_no_text_tower(tiny_mfuser_dir):
+    card = load_card(tiny_mfuser_dir)
+    assert card.family == "mfuser" and card.inference_mode == "slide"
+    assert card.backbones == ("vit_small_patch14_dinov2", "eva02_l14")
+    assert (card.input_height, card.input_width) == (112, 150)
+    assert card.inference_params["windows"] == [list(w) for w in window_grid(112, 150, 56, 37)]
+    assert all(r["ok"] for r in card.export["parity"]) and len(card.export["parity"]) == 2
+    import onnx
+
+    model = onnx.load(str(tiny_mfuser_dir / "window.onnx"))
+    assert not op_types(model) & {"Loop", "Scan", "If"}
+    shapes = [tuple(t.dims) for t in model.graph.initializer]
+    # The text tower's token table (49,408 × 32) is not in the graph, the class embeddings (19 × 24) are.
+    assert not any(49408 in s for s in shapes)
+    assert (19, 24) in shapes
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_runtime_equals_the_reference_slide(tiny_mfuser_dir, backend):
+    cfg = config_from_dict(TINY_MFUSER_CONFIG)
+    state = load_state_dict_file(tiny_mfuser_dir.parent / "weights.safetensors")
+    predictor = Predictor(cfg, state)
+    segmenter = Segmenter(tiny_mfuser_dir, backend=backend, device="cpu", output_resolution="network",
+                          window_batch=5)
+    rng = np.random.default_rng(3)
+    small = torch.from_numpy(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).permute(2, 0, 1)[None].float()
+    rgb = torch.nn.functional.interpolate(small, size=(112, 150), mode="bilinear", align_corners=False)[0]
+    rgb = np.clip(rgb.permute(1, 2, 0).numpy() + rng.normal(0, 8, (112, 150, 3)), 0, 255).astype(np.uint8)
+    with torch.no_grad():
+        probs = torch.softmax(predictor.logits(rgb), dim=1)[0].numpy()
+    result = segmenter.segment(rgb)
+    top2 = np.sort(probs, axis=0)[-2:]
+    tied = (top2[1] - top2[0]) < 1e-5
+    want = probs.argmax(axis=0)
+    assert np.array_equal(result.labels[~tied], want[~tied])
+    # Masked attention thresholds sigmoid(mask) at 0.5: a mask logit within rounding of 0 flips a key in or out,
+    # so the graphs may move a probability by more than their float error where that happens.
+    assert np.abs(result.network_confidence - top2[1]).max() < 1e-3
+    assert len(np.unique(want)) >= 2
+
+
+def test_external_data_package_loads_and_agrees(tmp_path, tiny_mfuser_dir):
+    """Weights outside the ONNX file (as every graph over 2 GB): listed, checksummed, loaded by the runtime."""
+    weights = tiny_mfuser_dir.parent / "weights.safetensors"
+    cfg = config_from_dict(TINY_MFUSER_CONFIG)
+    card = export_package(cfg, weights, tmp_path / "pkg", formats=("onnx",), external_data=True)
+    assert card["graphs"]["window"]["onnx_data"] == ["window.onnx.data"]
+    # The weights (≈ 1.2 MB at this size) moved out of the graph file.
+    inline = (tiny_mfuser_dir / "window.onnx").stat().st_size
+    assert (tmp_path / "pkg" / "window.onnx").stat().st_size < inline - 1_000_000
+    assert (tmp_path / "pkg" / "window.onnx.data").stat().st_size > 1_000_000
+    rgb = np.random.default_rng(0).integers(0, 256, (112, 150, 3), dtype=np.uint8)
+    got = Segmenter(tmp_path / "pkg", backend="onnx").segment(rgb)
+    want = Segmenter(tiny_mfuser_dir, backend="onnx").segment(rgb)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    data = tmp_path / "pkg" / "window.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[100] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    with pytest.raises(CardError, match="checksum of window.onnx.data"):
+        load_card(tmp_path / "pkg")
+    data.unlink()
+    with pytest.raises(CardError, match="window.onnx.data is missing"):
+        load_card(tmp_path / "pkg")
+    card_path = tmp_path / "pkg" / "card.json"
+    edited = json.loads(card_path.read_text())
+    edited["graphs"]["window"]["onnx_data"] = ["../outside.data"]
+    card_path.write_text(json.dumps(edited))
+    with pytest.raises(CardError, match="plain names"):
+        load_card(tmp_path / "pkg")
+
+
+def test_training_run_evaluates_in_slide_mode_and_exports(tmp_path):
+    """Two steps of training.train on a synthetic Cityscapes layout, slide evaluation, then the run exports."""
+    from test_training import make_cityscapes
+    from training.train import train
+
+    make_cityscapes(tmp_path / "cs", "train", 2)
+    make_cityscapes(tmp_path / "cs", "val", 1)
+    data = json.loads(json.dumps(TINY_MFUSER_CONFIG))
+    data["data"] = {"root": str(tmp_path / "cs"), "val": [{"root": str(tmp_path / "cs")}], "scale_range": [1.0, 1.2]}
+    data["optim"] = {"iters": 2, "batch_size": 2, "warmup_iters": 1, "lr_backbone": 1e-4, "lr_head": 1e-4}
+    data["inference"] = {"mode": "slide", "test_size": [60, 90], "window": 56, "stride": 34}
+    data.update(num_workers=0, log_every=1, checkpoint_every=2)
+    cfg = config_from_dict(data)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["step"] == 2 and "cityscapes" in summary["val_miou"]
+    card = export_package(load_config(tmp_path / "run" / "config.yaml"), tmp_path / "run" / "model.safetensors",
+                          tmp_path / "pkg", formats=("onnx",))
+    assert card["inference"]["mode"] == "slide" and all(r["ok"] for r in card["export"]["parity"])
+    assert card["inference"]["params"]["windows"] == [[0, 0], [0, 34], [4, 0], [4, 34]]
