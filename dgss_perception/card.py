@@ -196,7 +196,7 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
         batch = spec.inputs[0].shape[0] if spec.inputs[0].shape else 0
         expected_in = (batch, -1, -1, 3) if resize == "stretch_in_graph" else (batch, height, width, 3)
         if gname == "window":
-            _check_window_graph(spec, params, len(classes), wg)
+            _check_window_graph(spec, _require(params, "window", int, where + ": inference.params"), len(classes), wg)
         elif batch < 1 or spec.inputs[0].shape != expected_in or spec.inputs[0].dtype != "uint8":
             raise CardError(f"{wg}: input must be uint8 {list(expected_in)} (N ≥ 1), card says "
                             f"{spec.inputs[0].dtype} {list(spec.inputs[0].shape)}")
@@ -241,9 +241,8 @@ def _check_windows(params: dict[str, Any], height: int, width: int, where: str) 
     return windows
 
 
-def _check_window_graph(spec: GraphSpec, params: dict[str, Any], num_classes: int, where: str) -> None:
+def _check_window_graph(spec: GraphSpec, window: int, num_classes: int, where: str) -> None:
     """Slide's window graph: uint8 (K, w, w, 3) windows → float scores (K, C, w, w), K free (-1)."""
-    window = _require(params, "window", int, where.split(": graphs.")[0] + ": inference.params")
     expected_in = (-1, window, window, 3)
     expected_out = (-1, num_classes, window, window)
     if spec.inputs[0].shape != expected_in or spec.inputs[0].dtype != "uint8" or len(spec.inputs) != 1:

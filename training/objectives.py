@@ -17,7 +17,7 @@ from torch import nn
 from dgss_perception.labels import IGNORE_INDEX
 
 from .config import TrainConfig
-from .mask_losses import mask_classification_loss, pixel_text_alignment_loss
+from .mask_losses import identity_targets, mask_classification_loss, pixel_text_alignment_loss
 from .models.mfuser import MFuser
 
 # Corners of the high-resolution window lie on multiples of this many pixels (the official
@@ -157,10 +157,9 @@ def mfuser_losses(model: MFuser, images: torch.Tensor, labels: torch.Tensor,
     """
     m = cfg.model.mfuser
     out = model.forward_train(images)
-    present = torch.stack([(labels == c).any(dim=(1, 2)) for c in range(cfg.model.num_classes)], dim=1)
-    num_masks = present.sum().float()
+    num_masks = None  # one process: the loss counts this batch's present classes itself
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        num_masks = num_masks.to(images.device)
+        num_masks = identity_targets(labels, cfg.model.num_classes).present.sum().float().to(images.device)
         torch.distributed.all_reduce(num_masks)
         num_masks = num_masks / torch.distributed.get_world_size()
     mask_losses = mask_classification_loss(
