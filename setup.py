@@ -22,7 +22,7 @@ setup(
         "ros": ["ros-kilted-rclpy[fastrtps]", "ros-kilted-sensor-msgs", "ros-kilted-std-msgs",
                 "ros-kilted-diagnostic-msgs", "ros-kilted-geometry-msgs"],
         "training": ["torch", "torchvision", "timm>=1.0.15", "peft>=0.14", "safetensors", "onnx",
-                     "onnxscript", "transformers", "open_clip_torch", "matplotlib", "pillow"],
+                     "onnxscript", "transformers", "open_clip_torch", "matplotlib", "pillow", "scipy"],
         "dev": ["pytest", "pytest-timeout", "hypothesis", "psutil", "flake8", "pydocstyle", "ros-kilted-ament-flake8", "ros-kilted-ament-pep257"],
     },
     zip_safe=True,

@@ -1,19 +1,26 @@
-"""Losses of the text-query mask decoder (tqdm / MFuser), and the pixel-text alignment loss.
+"""Losses of the Mask2Former-style mask decoders, and the pixel-text alignment loss.
 
-Assignment is the identity: query k predicts class k, so there is no Hungarian matching. In each
-image a class present in the label map (255 excluded) is a target: its query's class target is k and
-its mask target is the binary map label == k. An absent class's query has the "no object" target
-(index num_classes) and no mask loss.
+Targets (semantic segmentation): in each image a class present in the label map (255 excluded) is one
+ground-truth instance with mask label == k. Predictions are assigned to them in one of two ways:
 
-Per prediction set, as the official head configures it (mmseg/mmdet losses):
+* identity (tqdm / MFuser text-query decoder, Q = C queries): query k predicts class k, no matching.
+  A present class's query has class target k and mask target label == k; an absent class's query has
+  the "no object" target (index num_classes) and no mask loss.
+* Hungarian (Mask2Former, e.g. Rein / DepthForge, any Q ≥ 1, 100 at full size): every prediction set
+  is matched to the ground truth of each image separately by ``linear_sum_assignment`` on
+  2·C_cls + 5·C_bce + 5·C_dice, evaluated at num_points points drawn uniformly once per image (the
+  same points for every query and ground truth). A matched query takes its ground truth's class and
+  mask; the others are "no object". With Q < G some ground truths stay unmatched (no mask loss).
 
-* class: 2 · cross-entropy with class weights [1]·C + [0.1], averaged by the summed weights of the
-  targets (Σ w_y·CE / Σ w_y, which is PyTorch's weighted mean);
+Given the assignment, per prediction set, as the official heads configure it (mmseg/mmdet losses):
+
+* class: 2 · cross-entropy over all N·Q queries with class weights [1]·C + [0.1], averaged by the
+  summed weights of the targets (Σ w_y·CE / Σ w_y, which is PyTorch's weighted mean);
 * mask: 5 · BCE-with-logits and 5 · Dice on point samples of the matched queries' masks: per mask,
   num_points points, most of them where the prediction is least certain (PointRend sampling); BCE
   summed over masks and points / (num_masks · num_points), Dice 1 − (2Σpt + 1)/(Σp + Σt + 1) on
-  sigmoid probabilities summed over masks / num_masks, where num_masks is the number of matched
-  masks in the batch (averaged over ranks in distributed training), at least 1.
+  sigmoid probabilities summed over masks / num_masks, where num_masks is the number of ground-truth
+  masks (present classes) in the batch (averaged over ranks in distributed training), at least 1.
 
 The ground-truth masks stay at label resolution and the predictions at mask-feature resolution: both
 are sampled at the same normalised points. Pixels labelled 255 belong to no class, so they are
@@ -27,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from dgss_perception.labels import IGNORE_INDEX
 
@@ -80,6 +88,39 @@ def identity_targets(labels: torch.Tensor, num_classes: int, ignore_index: int =
     image_idx, class_idx = present.nonzero(as_tuple=True)
     masks = (labels[image_idx] == class_idx[:, None, None]).float()
     return IdentityTargets(classes, present, masks)
+
+
+class Assignment(NamedTuple):
+    """Which predictions are matched to which ground truths, for one prediction set of a batch.
+
+    Attributes:
+        classes: (N, Q) int64 class target per query, C ("no object") for an unmatched query.
+        image_index: (M,) int64 image of each matched query.
+        query_index: (M,) int64 query of each matched query; pairs sorted by (image, query).
+        target_index: (M,) int64 row of ``IdentityTargets.masks`` each matched query is matched to.
+    """
+
+    classes: torch.Tensor
+    image_index: torch.Tensor
+    query_index: torch.Tensor
+    target_index: torch.Tensor
+
+
+def identity_assignment(targets: IdentityTargets, num_classes: int) -> Assignment:
+    """Query k ↔ class k: the present classes' queries are matched, in the order of ``targets.masks``.
+
+    Args:
+        targets: the batch's targets (Q = C queries).
+        num_classes: C.
+
+    Returns:
+        The assignment (see :class:`Assignment`).
+    """
+    if targets.present.shape[1] != num_classes:
+        raise ValueError(f"targets hold {targets.present.shape[1]} classes, expected {num_classes}")
+    image_index, query_index = targets.present.nonzero(as_tuple=True)
+    target_index = torch.arange(image_index.shape[0], device=image_index.device)
+    return Assignment(targets.classes, image_index, query_index, target_index)
 
 
 def point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -157,15 +198,136 @@ def dice_loss(point_logits: torch.Tensor, point_targets: torch.Tensor, eps: floa
     return 1.0 - (2.0 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
 
 
-def _set_losses(class_logits: torch.Tensor, mask_logits: torch.Tensor, targets: IdentityTargets,
-                class_weights: torch.Tensor, num_masks: torch.Tensor, num_points: int, oversample_ratio: float,
-                importance_sample_ratio: float,
+def match_cost(class_logits_q: torch.Tensor, point_logits: torch.Tensor, gt_classes: torch.Tensor,
+               point_targets: torch.Tensor, class_cost: float = 2.0, mask_cost: float = 5.0,
+               dice_cost: float = 5.0) -> torch.Tensor:
+    """Matching cost of every query against every ground truth of one image, in float32.
+
+    class_cost·(−softmax probability of the gt class) + mask_cost·(mean point BCE-with-logits)
+    + dice_cost·(1 − (2Σpt + 1)/(Σp + Σt + 1)), p the sigmoid of the point logits.
+
+    Args:
+        class_logits_q: (Q, C+1) class logits.
+        point_logits: (Q, P) mask logits at the points.
+        gt_classes: (G,) int64 ground-truth classes.
+        point_targets: (G, P) ground-truth masks at the same points, in [0, 1].
+        class_cost: weight of the class term.
+        mask_cost: weight of the BCE term.
+        dice_cost: weight of the Dice term.
+
+    Returns:
+        (Q, G) cost.
+    """
+    x = point_logits.float()
+    t = point_targets.float()
+    num_points = x.shape[1]
+    cost_cls = -class_logits_q.float().softmax(-1)[:, gt_classes]
+    # Σ_p BCE(x, t) splits into a positive and a negative part, each one matrix product over the points.
+    pos = F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
+    cost_bce = (pos @ t.T + neg @ (1.0 - t).T) / num_points
+    p = x.sigmoid()
+    cost_dice = 1.0 - (2.0 * (p @ t.T) + 1.0) / (p.sum(1)[:, None] + t.sum(1)[None, :] + 1.0)
+    return class_cost * cost_cls + mask_cost * cost_bce + dice_cost * cost_dice
+
+
+# Stands in for a non-finite cost so the solver still runs; the loss of such logits is non-finite itself,
+# so the step is still seen as bad (e.g. skipped by a gradient scaler) rather than crashing here.
+_INVALID_COST = 1e8
+
+
+@torch.no_grad()
+def hungarian_assignment(class_logits: torch.Tensor, mask_logits: torch.Tensor, targets: IdentityTargets,
+                         num_points: int = 12544, class_cost: float = 2.0, mask_cost: float = 5.0,
+                         dice_cost: float = 5.0, generator: torch.Generator | None = None) -> Assignment:
+    """Minimum-cost one-to-one matching of queries to ground truths, per image (Mask2Former).
+
+    For each image in turn num_points points are drawn uniformly in [0, 1]² (one (1, P, 2) draw, also
+    for an image without ground truth), the predicted and ground-truth masks are sampled there, and
+    ``linear_sum_assignment`` minimises :func:`match_cost`. min(Q, G) pairs are matched per image;
+    with Q < G the remaining ground truths stay unmatched. An image without ground truth has none.
+
+    Args:
+        class_logits: (N, Q, C+1) class logits.
+        mask_logits: (N, Q, h, w) mask logits.
+        targets: the batch's targets (C classes, ``targets.masks`` (M, H, W)).
+        num_points: points per image.
+        class_cost: weight of the class cost.
+        mask_cost: weight of the BCE cost.
+        dice_cost: weight of the Dice cost.
+        generator: random source for the points; None uses the global RNG of the logits' device.
+
+    Returns:
+        The assignment (see :class:`Assignment`), on the logits' device.
+
+    Raises:
+        ValueError: shapes that do not fit each other or the targets, or num_points < 1.
+    """
+    n, num_classes = targets.present.shape
+    if class_logits.dim() != 3 or mask_logits.dim() != 4 or class_logits.shape[:2] != mask_logits.shape[:2]:
+        raise ValueError(f"expected class logits (N, Q, C+1) and mask logits (N, Q, h, w), got "
+                         f"{tuple(class_logits.shape)} and {tuple(mask_logits.shape)}")
+    if class_logits.shape[0] != n or class_logits.shape[2] != num_classes + 1 or class_logits.shape[1] < 1:
+        raise ValueError(f"expected class logits (N={n}, Q ≥ 1, {num_classes + 1}), got {tuple(class_logits.shape)}")
+    if num_points < 1:
+        raise ValueError(f"num_points must be at least 1, got {num_points}")
+    q, device = class_logits.shape[1], class_logits.device
+    present = targets.present.to(device)
+    gt_classes = present.nonzero(as_tuple=True)[1]  # class of each row of targets.masks
+    gt_masks = targets.masks.to(device)
+    counts = present.sum(1).tolist()
+    starts = [sum(counts[:i]) for i in range(n)]
+    costs = []
+    for i in range(n):
+        coords = _rand((1, num_points, 2), device, generator)
+        g = counts[i]
+        if g == 0:
+            continue
+        rows = slice(starts[i], starts[i] + g)
+        # Queries (and ground truths) as the channels of one map: one grid_sample at shared points.
+        point_logits = point_sample(mask_logits[i:i + 1].float(), coords)[0]  # (Q, P)
+        point_targets = point_sample(gt_masks[None, rows].float(), coords)[0]  # (G, P)
+        cost = match_cost(class_logits[i], point_logits, gt_classes[rows], point_targets, class_cost, mask_cost,
+                          dice_cost)
+        costs.append(cost.flatten())
+    classes = torch.full((n, q), num_classes, dtype=torch.long, device=device)
+    if not costs:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return Assignment(classes, empty, empty.clone(), empty.clone())
+    # One device-to-host copy for the whole batch rather than one per image.
+    flat = torch.nan_to_num(torch.cat(costs), nan=_INVALID_COST, posinf=_INVALID_COST,
+                            neginf=-_INVALID_COST).cpu().numpy()
+    image_index, query_index, target_index = [], [], []
+    offset = 0
+    for i in range(n):
+        g = counts[i]
+        if g == 0:
+            continue
+        rows, cols = linear_sum_assignment(flat[offset:offset + q * g].reshape(q, g))
+        offset += q * g
+        # Rows come back sorted, so the pairs are ordered by (image, query) as the reference's positives.
+        image_index += [i] * len(rows)
+        query_index += rows.tolist()
+        target_index += (starts[i] + cols).tolist()
+    image_index_t = torch.tensor(image_index, dtype=torch.long, device=device)
+    query_index_t = torch.tensor(query_index, dtype=torch.long, device=device)
+    target_index_t = torch.tensor(target_index, dtype=torch.long, device=device)
+    classes[image_index_t, query_index_t] = gt_classes[target_index_t]
+    return Assignment(classes, image_index_t, query_index_t, target_index_t)
+
+
+def _set_losses(class_logits: torch.Tensor, mask_logits: torch.Tensor, assignment: Assignment,
+                gt_masks: torch.Tensor, class_weights: torch.Tensor, num_masks: torch.Tensor, num_points: int,
+                oversample_ratio: float, importance_sample_ratio: float,
                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unweighted (class CE, point BCE, Dice) of one prediction set."""
+    """Unweighted (class CE, point BCE, Dice) of one prediction set under an assignment.
+
+    ``gt_masks`` (M', H, W) are the rows ``assignment.target_index`` points into.
+    """
     n, q, _ = class_logits.shape
-    loss_cls = F.cross_entropy(class_logits.float().reshape(n * q, -1), targets.classes.reshape(-1),
+    loss_cls = F.cross_entropy(class_logits.float().reshape(n * q, -1), assignment.classes.reshape(-1),
                                weight=class_weights)
-    pred = mask_logits.float()[targets.present]  # (M, h, w), same order as targets.masks
+    pred = mask_logits.float()[assignment.image_index, assignment.query_index]  # (M, h, w)
     if pred.shape[0] == 0:
         # No class in the batch: nothing to segment, but keep the graph connected (DDP expects every
         # output to take part in backward).
@@ -174,7 +336,7 @@ def _set_losses(class_logits: torch.Tensor, mask_logits: torch.Tensor, targets: 
     with torch.no_grad():
         coords = uncertain_point_coords(pred.unsqueeze(1), num_points, oversample_ratio, importance_sample_ratio,
                                         generator)
-        point_targets = point_sample(targets.masks.unsqueeze(1), coords)[:, 0]
+        point_targets = point_sample(gt_masks[assignment.target_index].unsqueeze(1), coords)[:, 0]
     point_logits = point_sample(pred.unsqueeze(1), coords)[:, 0]
     loss_mask = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="sum")
     loss_mask = loss_mask / (num_masks * num_points)
@@ -196,27 +358,40 @@ def mask_classification_loss(
     importance_sample_ratio: float = 0.75,
     generator: torch.Generator | None = None,
     num_masks: float | torch.Tensor | None = None,
+    matching: str = "identity",
+    class_cost: float = 2.0,
+    mask_cost: float = 5.0,
+    dice_cost: float = 5.0,
 ) -> dict[str, torch.Tensor]:
-    """Class, mask and Dice losses of every prediction set of the text-query decoder.
+    """Class, mask and Dice losses of every prediction set of a mask-classification decoder.
 
-    Each set draws its own sample points. The returned terms are already multiplied by their weights.
+    Each set draws its own sample points; under Hungarian matching the set's matching points are drawn
+    (per image, see :func:`hungarian_assignment`) before its loss points. The returned terms are
+    already multiplied by their weights.
 
     Args:
-        class_logits: per set (N, C, C+1) class logits (queries = classes), initial queries first.
-        mask_logits: per set (N, C, h, w) mask logits.
+        class_logits: per set (N, Q, C+1) class logits, initial queries first; Q = C under identity
+            matching, any Q ≥ 1 under Hungarian matching.
+        mask_logits: per set (N, Q, h, w) mask logits.
         labels: (N, H, W) train ids, 255 ignored.
         num_classes: C.
         class_weight: weight of the class cross-entropy.
         mask_weight: weight of the point BCE.
         dice_weight: weight of the point Dice.
         no_object_weight: class weight of the "no object" target in the cross-entropy.
-        num_points: sample points per mask.
+        num_points: sample points per mask (and per image for the matching).
         oversample_ratio: candidate points per sample point (uncertainty sampling).
         importance_sample_ratio: share of the points chosen by uncertainty.
         generator: random source for the points; None uses the global RNG.
-        num_masks: the mask count the mask terms are divided by; None counts this batch's matched
-            masks. In distributed training pass the mean over ranks of the local counts (the official
-            reduce_mean), so every rank divides by the same number. Clamped to at least 1.
+        num_masks: the mask count the mask terms are divided by; None counts this batch's ground-truth
+            masks (present classes; under Hungarian matching this is mmdet's num_total_pos when Q ≥ G,
+            and still counts the ground truths left unmatched when Q < G). In distributed training
+            pass the mean over ranks of the local counts (the official reduce_mean), so every rank
+            divides by the same number. Clamped to at least 1.
+        matching: "identity" (query k ↔ class k) or "hungarian" (each set matched per image).
+        class_cost: weight of the class term of the matching cost (Hungarian only).
+        mask_cost: weight of the BCE term of the matching cost (Hungarian only).
+        dice_cost: weight of the Dice term of the matching cost (Hungarian only).
 
     Returns:
         ``loss_cls``, ``loss_mask``, ``loss_dice`` of the last set, ``d{i}.loss_cls``,
@@ -224,27 +399,40 @@ def mask_classification_loss(
         ``loss``, the sum of all of them.
 
     Raises:
-        ValueError: mismatched set lists or shapes, or bad label values.
+        ValueError: mismatched set lists or shapes, bad label values, or an unknown matching.
     """
+    if matching not in ("identity", "hungarian"):
+        raise ValueError(f"matching must be 'identity' or 'hungarian', got {matching!r}")
     if len(class_logits) != len(mask_logits) or not class_logits:
         raise ValueError(f"need as many class as mask sets (≥ 1), got {len(class_logits)} and {len(mask_logits)}")
     n = labels.shape[0]
     for cls, masks in zip(class_logits, mask_logits):
-        if tuple(cls.shape) != (n, num_classes, num_classes + 1) or tuple(masks.shape[:2]) != (n, num_classes):
-            raise ValueError(f"expected class logits (N={n}, {num_classes}, {num_classes + 1}) and mask logits "
-                             f"(N, {num_classes}, h, w), got {tuple(cls.shape)} and {tuple(masks.shape)}")
+        if matching == "identity":
+            if tuple(cls.shape) != (n, num_classes, num_classes + 1) or tuple(masks.shape[:2]) != (n, num_classes):
+                raise ValueError(f"expected class logits (N={n}, {num_classes}, {num_classes + 1}) and mask logits "
+                                 f"(N, {num_classes}, h, w), got {tuple(cls.shape)} and {tuple(masks.shape)}")
+        elif (cls.dim() != 3 or masks.dim() != 4 or cls.shape[0] != n or cls.shape[1] < 1
+              or cls.shape[2] != num_classes + 1 or masks.shape[:2] != cls.shape[:2]):
+            raise ValueError(f"expected class logits (N={n}, Q ≥ 1, {num_classes + 1}) and mask logits "
+                             f"(N, Q, h, w), got {tuple(cls.shape)} and {tuple(masks.shape)}")
     device = class_logits[-1].device
     targets = identity_targets(labels.to(device), num_classes)
     weights = torch.ones(num_classes + 1, device=device)
     weights[-1] = no_object_weight
     count = targets.present.sum().float() if num_masks is None else torch.as_tensor(num_masks, device=device)
     count = count.float().clamp_min(1.0)
+    fixed = identity_assignment(targets, num_classes) if matching == "identity" else None
 
     losses: dict[str, torch.Tensor] = {}
     last = len(class_logits) - 1
     for i, (cls, masks) in enumerate(zip(class_logits, mask_logits)):
-        loss_cls, loss_mask, loss_dice = _set_losses(cls, masks, targets, weights, count, num_points,
-                                                     oversample_ratio, importance_sample_ratio, generator)
+        assignment = fixed
+        if assignment is None:
+            assignment = hungarian_assignment(cls, masks, targets, num_points, class_cost, mask_cost, dice_cost,
+                                              generator)
+        loss_cls, loss_mask, loss_dice = _set_losses(cls, masks, assignment, targets.masks, weights, count,
+                                                     num_points, oversample_ratio, importance_sample_ratio,
+                                                     generator)
         prefix = "" if i == last else f"d{i}."
         losses[f"{prefix}loss_cls"] = class_weight * loss_cls
         losses[f"{prefix}loss_mask"] = mask_weight * loss_mask
