@@ -1,14 +1,18 @@
-"""Text-query masked-attention transformer decoder (tqdm's Mask2Former decoder, reused by MFuser).
+"""Masked-attention transformer decoders of Mask2Former: the standard one and tqdm's text-query one (MFuser's).
 
-One query per class. The content part of query k is an MLP of the (refined) text embedding of class k;
-the positional part is a learned embedding. Every layer is, in the official post-norm order,
+``MaskedQueryDecoder`` takes its queries from outside: content queries (1 or N, Q, hidden) and positional
+queries (1 or N, Q, hidden), Q independent of the number of classes C (the Rein / DepthForge heads: 100 queries
+supplied by the backbone's adapters, 19 classes). ``TextQueryDecoder`` is tqdm's: one query per class, the
+content part an MLP of the (refined) text embedding of class k, the positional part a learned embedding.
+Every layer is, in the official post-norm order,
 
     q = LN(q + CrossAttn(q + pos_q, mem_l + pos_l, mem_l, mask))   masked attention to one pixel-decoder level
     q = LN(q + SelfAttn(q + pos_q, q + pos_q, q))
     q = LN(q + FFN(q))
 
-with the levels visited lowest → highest resolution, cyclically (18², 36², 72², 18², … for a 512² window),
-and mem_l carrying a learned level embedding (keys and values) and the sine encoding (keys only).
+with the levels visited lowest → highest resolution, cyclically (16², 32², 64², 16², … for a 512² window at
+strides 32 … 8), and mem_l carrying a learned level embedding (keys and values) and the sine encoding (keys
+only).
 
 A prediction is made from the initial queries and after every layer (num_layers + 1 sets): a shared
 LayerNorm, then a class head (num_classes + 1 logits, the last is "no object") and a mask embedding MLP
@@ -43,6 +47,16 @@ from .position_encoding import SinePositionEncoding
 #   mask_embed   3 × (256·256 + 256)                                           =    197,376
 #   total                                                                      = 14,680,084
 FULL_SIZE_PARAMS = 14_680_084
+
+# Full-size parameter count of the standard decoder (hidden 256, 100 queries, 19 classes, 8 heads, 9 layers,
+# FFN 2048, 3 levels); the queries come from outside, so neither text_proj nor query_embed:
+#   level_embed  3·256                                                         =        768
+#   layers       9 × 1,578,752 (as above)                                      = 14,208,768
+#   post_norm    2·256                                                         =        512
+#   cls_embed    256·20 + 20 (19 classes + "no object"; the query count plays no part) =  5,140
+#   mask_embed   3 × (256·256 + 256)                                           =    197,376
+#   total                                                                      = 14,412,564
+STANDARD_FULL_SIZE_PARAMS = 14_412_564
 
 
 def segmentation_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -203,13 +217,13 @@ class MaskedTransformerDecoder(nn.Module):
         self.post_norm = nn.LayerNorm(dim)
 
 
-class TextQueryDecoder(nn.Module):
-    """tqdm's transformer decoder: one text-derived query per class, masked attention over the levels.
+class MaskedQueryDecoder(nn.Module):
+    """Mask2Former's transformer decoder with queries given from outside, masked attention over the levels.
 
     Args:
-        text_dim: width of the text embeddings.
         hidden_dim: query and memory width (the pixel decoder's channels).
-        num_queries: queries, one per class (also the number of classes predicted).
+        num_queries: queries Q.
+        num_classes: classes C; the class head predicts C + 1 logits (the last is "no object").
         num_heads: attention heads.
         num_layers: decoder layers (predictions: num_layers + 1 sets).
         ffn_dim: FFN inner width.
@@ -221,9 +235,9 @@ class TextQueryDecoder(nn.Module):
 
     def __init__(
         self,
-        text_dim: int = 768,
         hidden_dim: int = 256,
-        num_queries: int = 19,
+        num_queries: int = 100,
+        num_classes: int = 19,
         num_heads: int = 8,
         num_layers: int = 9,
         ffn_dim: int = 2048,
@@ -233,26 +247,24 @@ class TextQueryDecoder(nn.Module):
         pre_norm: bool = False,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
         if num_layers < 1:
-            raise ValueError(f"TextQueryDecoder: num_layers must be at least 1, got {num_layers}")
+            raise ValueError(f"{name}: num_layers must be at least 1, got {num_layers}")
         if hidden_dim % 4:
-            raise ValueError(f"TextQueryDecoder: hidden_dim must be a multiple of 4 (sine encoding), got {hidden_dim}")
+            raise ValueError(f"{name}: hidden_dim must be a multiple of 4 (sine encoding), got {hidden_dim}")
         self.hidden_dim = hidden_dim
         self.num_queries = num_queries
-        self.num_classes = num_queries
+        self.num_classes = num_classes
         self.num_heads = num_heads
         self.num_layers = num_layers
         self.num_levels = num_levels
         self.mask_dim = mask_dim
 
         self.position_encoding = SinePositionEncoding(num_feats=hidden_dim // 2, normalize=True)
-        self.text_proj = nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.ReLU(inplace=True),
-                                       nn.Linear(hidden_dim, hidden_dim))
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.level_embed = nn.Embedding(num_levels, hidden_dim)
         self.transformer_decoder = MaskedTransformerDecoder(hidden_dim, num_heads, num_layers, ffn_dim, dropout,
                                                             pre_norm)
-        self.cls_embed = nn.Linear(hidden_dim, self.num_classes + 1)
+        self.cls_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
                                         nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
                                         nn.Linear(hidden_dim, mask_dim))
@@ -277,43 +289,43 @@ class TextQueryDecoder(nn.Module):
         mask_logits = torch.einsum("nqc,nchw->nqhw", self.mask_embed(x), mask_features)
         return (self.cls_embed(x) if with_class else None), mask_logits
 
-    def forward(self, multi_scale: list[torch.Tensor], mask_features: torch.Tensor, text: torch.Tensor,
-                all_sets: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(self, multi_scale: list[torch.Tensor], mask_features: torch.Tensor, query: torch.Tensor,
+                query_pos: torch.Tensor, all_sets: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Decode.
 
         Args:
             multi_scale: num_levels maps (N, hidden_dim, h_l, w_l), lowest resolution first.
             mask_features: (N, mask_dim, H, W).
-            text: (N, num_queries, text_dim) text embeddings, or (num_queries, text_dim) shared by the batch.
+            query: (1 or N, num_queries, hidden_dim) content queries (1: shared by the batch).
+            query_pos: (1 or N, num_queries, hidden_dim) positional queries.
             all_sets: return every prediction set (training); False returns only the last one (inference:
                 the intermediate masks are still computed, for the attention masks, but at each level's
                 size — bilinear resizing commutes with the mask einsum — and without class logits).
 
         Returns:
-            Class logits, a list of (N, num_queries, num_queries + 1), and mask logits, a list of
+            Class logits, a list of (N, num_queries, num_classes + 1), and mask logits, a list of
             (N, num_queries, H, W): num_layers + 1 sets (initial queries first), or only the last.
         """
+        name = type(self).__name__
         if len(multi_scale) != self.num_levels:
-            raise ValueError(f"TextQueryDecoder: expected {self.num_levels} levels, got {len(multi_scale)}")
+            raise ValueError(f"{name}: expected {self.num_levels} levels, got {len(multi_scale)}")
         n = mask_features.shape[0]
-        if text.dim() == 2:
-            text = text.unsqueeze(0).expand(n, -1, -1)
-        if tuple(text.shape[:2]) != (n, self.num_queries):
-            raise ValueError(f"TextQueryDecoder: text must be (N, {self.num_queries}, text_dim), "
-                             f"got {tuple(text.shape)}")
+        for label, q in (("query", query), ("query_pos", query_pos)):
+            if q.dim() != 3 or q.shape[0] not in (1, n) or tuple(q.shape[1:]) != (self.num_queries, self.hidden_dim):
+                raise ValueError(f"{name}: {label} must be (1 or {n}, {self.num_queries}, {self.hidden_dim}), "
+                                 f"got {tuple(q.shape)}")
 
         memories, memory_pos, sizes = [], [], []
         for level, x in enumerate(multi_scale):
             if x.shape[1] != self.hidden_dim:
-                raise ValueError(f"TextQueryDecoder: level {level} has {x.shape[1]} channels, "
-                                 f"expected {self.hidden_dim}")
+                raise ValueError(f"{name}: level {level} has {x.shape[1]} channels, expected {self.hidden_dim}")
             sizes.append((int(x.shape[-2]), int(x.shape[-1])))
             # The level embedding goes into the values as well as the keys; the sine encoding only the keys.
             memories.append(x.flatten(2).transpose(1, 2) + self.level_embed.weight[level].to(x.dtype))
             memory_pos.append(self.position_encoding(x[:1]).flatten(2).transpose(1, 2))
 
-        query = self.text_proj(text)
-        query_pos = self.query_embed.weight.unsqueeze(0).to(query.dtype)
+        # The attention masks and heads work per sample; the positional part broadcasts in the additions.
+        query = query.expand(n, -1, -1)
         # Inference: the masks that only steer attention are computed from features already at the level's
         # size, which equals resizing the full-resolution mask (both maps are linear) at a fraction of the cost.
         level_features = None if all_sets else [
@@ -346,3 +358,65 @@ class TextQueryDecoder(nn.Module):
         class_sets.append(cls)
         mask_sets.append(masks)
         return class_sets, mask_sets
+
+
+class TextQueryDecoder(MaskedQueryDecoder):
+    """tqdm's transformer decoder: one text-derived query per class, masked attention over the levels.
+
+    The content queries are ``text_proj(text)``, the positional ones ``query_embed``; the rest is
+    ``MaskedQueryDecoder`` with as many classes as queries.
+
+    Args:
+        text_dim: width of the text embeddings.
+        num_queries: queries, one per class (also the number of classes predicted).
+        The others: as ``MaskedQueryDecoder``.
+    """
+
+    def __init__(
+        self,
+        text_dim: int = 768,
+        hidden_dim: int = 256,
+        num_queries: int = 19,
+        num_heads: int = 8,
+        num_layers: int = 9,
+        ffn_dim: int = 2048,
+        mask_dim: int = 256,
+        num_levels: int = 3,
+        dropout: float = 0.0,
+        pre_norm: bool = False,
+    ) -> None:
+        # The query modules are created, and then registered, ahead of the shared ones: the checkpoints list
+        # them first, optimizer states follow the parameter order, and a seeded init draws in this order.
+        text_proj = nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden_dim, hidden_dim))
+        query_embed = nn.Embedding(num_queries, hidden_dim)
+        super().__init__(hidden_dim, num_queries, num_queries, num_heads, num_layers, ffn_dim, mask_dim,
+                         num_levels, dropout, pre_norm)
+        shared = {key: self._modules.pop(key) for key in list(self._modules)}
+        self.text_proj = text_proj
+        self.query_embed = query_embed
+        self._modules.update(shared)
+
+    def forward(self, multi_scale: list[torch.Tensor], mask_features: torch.Tensor, text: torch.Tensor,
+                all_sets: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Decode.
+
+        Args:
+            multi_scale: num_levels maps (N, hidden_dim, h_l, w_l), lowest resolution first.
+            mask_features: (N, mask_dim, H, W).
+            text: (N, num_queries, text_dim) text embeddings, or (num_queries, text_dim) shared by the batch.
+            all_sets: every prediction set, or only the last (see ``MaskedQueryDecoder.forward``).
+
+        Returns:
+            Class logits, a list of (N, num_queries, num_queries + 1), and mask logits, a list of
+            (N, num_queries, H, W): num_layers + 1 sets (initial queries first), or only the last.
+        """
+        n = mask_features.shape[0]
+        if text.dim() == 2:
+            text = text.unsqueeze(0).expand(n, -1, -1)
+        if tuple(text.shape[:2]) != (n, self.num_queries):
+            raise ValueError(f"TextQueryDecoder: text must be (N, {self.num_queries}, text_dim), "
+                             f"got {tuple(text.shape)}")
+        query = self.text_proj(text)
+        query_pos = self.query_embed.weight.unsqueeze(0).to(query.dtype)
+        return super().forward(multi_scale, mask_features, query, query_pos, all_sets)

@@ -1,18 +1,21 @@
-"""Text-conditioned multi-scale deformable-attention pixel decoder (the tqdm / MFuser decode head's first half).
+"""Multi-scale deformable-attention pixel decoders: Mask2Former's standard one and tqdm / MFuser's text-conditioned one.
 
-Inputs are the backbone pyramid (highest resolution first; 144², 72², 36², 18² with 2048 channels for a
-512² crop) and the refined class-text embeddings (N, num_texts, text_dim). Structure, as the official tqdm
-decoder:
+Inputs are the backbone pyramid, highest resolution first, and for the text-conditioned variant the refined
+class-text embeddings (N, num_texts, text_dim). The standard decoder (mmdet's ``MSDeformAttnPixelDecoder`` as the
+Rein / DepthForge heads configure it) takes four 1024-channel maps of 128², 64², 32², 16² for a 512² window;
+tqdm's takes four 2048-channel maps of 144², 72², 36², 18². Structure:
 
-1. The ``num_deform_levels`` lowest-resolution maps (18², 36², 72²) each go through a 1×1 conv + GroupNorm(32)
-   to ``conv_dim`` and are flattened into one token sequence, lowest resolution first. Their positional
-   embedding is a normalised sine encoding plus a learned per-level embedding (level 0 = lowest resolution).
+1. The ``num_deform_levels`` lowest-resolution maps (e.g. 16², 32², 64²) each go through a 1×1 conv +
+   GroupNorm(32) to ``conv_dim`` and are flattened into one token sequence, lowest resolution first. Their
+   positional embedding is a normalised sine encoding plus a learned per-level embedding (level 0 = lowest
+   resolution).
 2. ``num_layers`` post-norm layers, each
    x = LN(x + MSDeformAttn(q = x + pos, values = x)), over all levels, reference points at pixel centres;
-   x = LN(x + MHA(q = x + pos, k = text + text_pos, v = text)), pixels attending to the text tokens
-   (text = Linear(text_dim → conv_dim)(text), text_pos a learned num_texts × conv_dim table);
-   x = LN(x + FFN(x)), FFN conv_dim → ffn_dim → conv_dim with ReLU;
-   then one final LayerNorm over the result (the encoder's post-norm).
+   only with text: x = LN(x + MHA(q = x + pos, k = text + text_pos, v = text)), pixels attending to the text
+   tokens (text = Linear(text_dim → conv_dim)(text), text_pos a learned num_texts × conv_dim table);
+   x = LN(x + FFN(x)), FFN conv_dim → ffn_dim → conv_dim with ReLU (ffn_dim 1024 standard, 2048 in tqdm);
+   then, in tqdm only, one final LayerNorm over the result (the encoder's post-norm; mmdet 3.x's encoder has
+   none).
 3. FPN on the remaining high-resolution input(s): lateral 1×1 conv + GN, plus the bilinearly upsampled
    (align_corners=False) highest-resolution encoder output, then 3×3 conv + GN + ReLU; a 1×1 conv gives the
    mask features.
@@ -23,7 +26,8 @@ linear layer) for experiments. Submodule and parameter names mirror the mmcv che
 (``input_convs.0.conv``/``.gn``, ``encoder.layers.k.attentions.{0,1}``, ``norms.{0,1,2}``,
 ``ffns.0.layers``, ``encoder.post_norm``, ``level_encoding``, ``lateral_convs``, ``output_convs``,
 ``mask_feature``, ``text_proj``, ``text_pos_embed``), so decode-head weights load by name after the
-``decode_head.pixel_decoder.`` prefix is stripped.
+``decode_head.pixel_decoder.`` prefix is stripped. Without text a layer has ``attentions.0``, ``norms.{0,1}``
+and ``ffns.0`` (mmdet 3.x calls them ``self_attn``, ``norms`` and ``ffn``; a conversion renames them).
 """
 
 from __future__ import annotations
@@ -38,6 +42,21 @@ from training.models.ms_deform_attn import MSDeformAttn
 from training.models.position_encoding import SinePositionEncoding
 
 GN_GROUPS = 32
+
+# Full-size parameter count of the standard decoder (in_channels [1024] * 4, conv_dim 256, mask_dim 256, 8 heads,
+# 3 levels, 4 points, FFN 1024, 6 layers, no text, no final LayerNorm):
+#   input_convs    3 × (1024·256 + 256 + GN 2·256)                                =    788,736
+#   level_encoding 3·256                                                          =        768
+#   per layer      MSDeformAttn: offsets 256·192 + 192, weights 256·96 + 96,
+#                  value and output projections 2 × (256·256 + 256)               =    205,600
+#                  2 LayerNorms × 512                                             =      1,024
+#                  FFN 256·1024 + 1024 + 1024·256 + 256                           =    525,568
+#                                                                       → 732,192 × 6 = 4,393,152
+#   lateral_convs  1024·256 (no bias) + GN 512                                    =    262,656
+#   output_convs   256·256·9 (no bias) + GN 512                                   =    590,336
+#   mask_feature   256·256 + 256                                                  =     65,792
+#   total                                                                         =  6,101,440
+STANDARD_FULL_SIZE_PARAMS = 6_101_440
 
 
 class ConvGN(nn.Module):
@@ -128,31 +147,34 @@ class FFN(nn.Module):
         return self.layers(x)
 
 
-class TextPixelDecoderLayer(nn.Module):
-    """One post-norm encoder layer: deformable self-attention → text cross-attention → FFN.
+class DeformEncoderLayer(nn.Module):
+    """One post-norm encoder layer: deformable self-attention (→ text cross-attention) → FFN.
 
     Args:
         embed_dim: token width.
-        num_heads: heads of both attentions.
+        num_heads: heads of the attentions.
         num_levels: feature levels of the deformable attention.
         num_points: sampling points per head and level.
         ffn_dim: FFN hidden width.
         dropout: on each attention's output before its residual add, and inside the FFN.
+        text_attention: add the pixels-to-text attention (``attentions.1``, three norms instead of two).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_levels: int, num_points: int, ffn_dim: int,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, text_attention: bool = False) -> None:
         super().__init__()
-        self.attentions = nn.ModuleList([
-            MSDeformAttn(embed_dim, num_heads, num_levels, num_points),
-            TextCrossAttention(embed_dim, num_heads),
-        ])
-        self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(3)])
+        self.text_attention = text_attention
+        attentions: list[nn.Module] = [MSDeformAttn(embed_dim, num_heads, num_levels, num_points)]
+        if text_attention:
+            attentions.append(TextCrossAttention(embed_dim, num_heads))
+        self.attentions = nn.ModuleList(attentions)
+        self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(len(attentions) + 1)])
         self.ffns = nn.ModuleList([FFN(embed_dim, ffn_dim, dropout)])
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: Sequence[tuple[int, int]], text: torch.Tensor, text_pos: torch.Tensor) -> torch.Tensor:
+                spatial_shapes: Sequence[tuple[int, int]], text: torch.Tensor | None = None,
+                text_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Update the pixel tokens.
 
         Args:
@@ -160,20 +182,32 @@ class TextPixelDecoderLayer(nn.Module):
             pos: (N, S, C) their positional embedding (sine + level).
             reference_points: (N, S, levels, 2), each token's pixel centre in [0, 1]².
             spatial_shapes: (h, w) of each level, in token order.
-            text: (N, T, C) projected text tokens.
-            text_pos: (1 or N, T, C) text positional embedding.
+            text: (N, T, C) projected text tokens; given exactly when the layer has text attention.
+            text_pos: (1 or N, T, C) text positional embedding, with ``text``.
 
         Returns:
             (N, S, C).
         """
+        if self.text_attention != (text is not None and text_pos is not None):
+            raise ValueError("DeformEncoderLayer: text and text_pos are required with text attention and "
+                             "refused without it")
         # The values are the tokens without position; only offsets and weights see it (through the query).
         x = self.norms[0](x + self.dropout(self.attentions[0](x + pos, reference_points, x, spatial_shapes)))
-        x = self.norms[1](x + self.dropout(self.attentions[1](x + pos, text + text_pos, text)))
-        return self.norms[2](x + self.ffns[0](x))
+        if text is not None and text_pos is not None:
+            x = self.norms[1](x + self.dropout(self.attentions[1](x + pos, text + text_pos, text)))
+        return self.norms[-1](x + self.ffns[0](x))
 
 
-class TextPixelEncoder(nn.Module):
-    """The stack of encoder layers plus the final LayerNorm (``layers``, ``post_norm``).
+class TextPixelDecoderLayer(DeformEncoderLayer):
+    """tqdm's encoder layer: ``DeformEncoderLayer`` with the text attention (arguments as there)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, num_levels: int, num_points: int, ffn_dim: int,
+                 dropout: float = 0.0) -> None:
+        super().__init__(embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout, text_attention=True)
+
+
+class DeformEncoder(nn.Module):
+    """The stack of encoder layers (``layers``), optionally followed by a final LayerNorm (``post_norm``).
 
     Args:
         num_layers: encoder layers.
@@ -182,36 +216,48 @@ class TextPixelEncoder(nn.Module):
         num_levels: deformable-attention levels.
         num_points: sampling points per head and level.
         ffn_dim: FFN hidden width.
-        dropout: see ``TextPixelDecoderLayer``.
+        dropout: see ``DeformEncoderLayer``.
+        text_attention: layers with the pixels-to-text attention.
+        post_norm: a LayerNorm over the last layer's output (tqdm); mmdet 3.x's encoder has none.
     """
 
     def __init__(self, num_layers: int, embed_dim: int, num_heads: int, num_levels: int, num_points: int,
-                 ffn_dim: int, dropout: float = 0.0) -> None:
+                 ffn_dim: int, dropout: float = 0.0, text_attention: bool = False, post_norm: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList([
-            TextPixelDecoderLayer(embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout)
+            DeformEncoderLayer(embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout, text_attention)
             for _ in range(num_layers)
         ])
-        self.post_norm = nn.LayerNorm(embed_dim)
+        self.post_norm = nn.LayerNorm(embed_dim) if post_norm else None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: Sequence[tuple[int, int]], text: torch.Tensor, text_pos: torch.Tensor) -> torch.Tensor:
-        """Run all layers, then the final norm (applied once, to the output only).
+                spatial_shapes: Sequence[tuple[int, int]], text: torch.Tensor | None = None,
+                text_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Run all layers, then the final norm if any (applied once, to the output only).
 
         Args:
             x: (N, S, C).
             pos: (N, S, C).
             reference_points: (N, S, levels, 2).
             spatial_shapes: (h, w) per level.
-            text: (N, T, C).
-            text_pos: (1 or N, T, C).
+            text: (N, T, C), with text attention only.
+            text_pos: (1 or N, T, C), with text attention only.
 
         Returns:
             (N, S, C).
         """
         for layer in self.layers:
             x = layer(x, pos, reference_points, spatial_shapes, text, text_pos)
-        return self.post_norm(x)
+        return x if self.post_norm is None else self.post_norm(x)
+
+
+class TextPixelEncoder(DeformEncoder):
+    """tqdm's encoder: text attention in every layer and the final LayerNorm (arguments as ``DeformEncoder``)."""
+
+    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, num_levels: int, num_points: int,
+                 ffn_dim: int, dropout: float = 0.0) -> None:
+        super().__init__(num_layers, embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout,
+                         text_attention=True, post_norm=True)
 
 
 def pixel_centres(spatial_shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
@@ -235,32 +281,42 @@ def pixel_centres(spatial_shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
     return torch.cat(points, dim=0)
 
 
-class TextPixelDecoder(nn.Module):
-    """Text-conditioned MSDeformAttn pixel decoder: pyramid + text → mask features and encoder levels.
+class DeformPixelDecoder(nn.Module):
+    """MSDeformAttn pixel decoder: pyramid (+ text) → mask features and encoder levels.
+
+    The defaults are Mask2Former's standard decoder (no text, FFN 1024, no final LayerNorm);
+    ``TextPixelDecoder`` is tqdm's text-conditioned configuration.
 
     Args:
-        in_channels: channels of each input level, highest resolution first (e.g. [2048] * 4 for maps of
-            144², 72², 36², 18²). At least ``num_deform_levels`` levels; those beyond the deformable ones (the
+        in_channels: channels of each input level, highest resolution first (e.g. [1024] * 4 for maps of
+            128², 64², 32², 16²). At least ``num_deform_levels`` levels; those beyond the deformable ones (the
             highest-resolution ones) go through the FPN.
-        text_dim: width of the text embeddings.
-        num_texts: number of text tokens (classes); the text positional table has this many rows.
         conv_dim: token / feature width inside the decoder.
         mask_dim: channels of the mask features.
         num_layers: encoder layers.
         num_heads: attention heads (deformable and text attention).
         num_points: deformable sampling points per head and level.
-        ffn_dim: FFN hidden width (2048 in the official config, which overrides the 1024 of its FFN block).
-        dropout: dropout rate in the encoder layers; the official decoder uses 0.0 everywhere.
+        ffn_dim: FFN hidden width.
+        dropout: dropout rate in the encoder layers; the official decoders use 0.0 everywhere.
         num_deform_levels: lowest-resolution levels refined by the encoder.
+        text_dim: width of the text embeddings; required with text, refused without.
+        num_texts: number of text tokens (classes); 0 builds no text attention, more adds it to every layer
+            with a text positional table of this many rows.
+        post_norm: a LayerNorm over the encoder's output.
     """
 
-    def __init__(self, in_channels: list[int], text_dim: int = 768, num_texts: int = 19, conv_dim: int = 256,
-                 mask_dim: int = 256, num_layers: int = 6, num_heads: int = 8, num_points: int = 4,
-                 ffn_dim: int = 2048, dropout: float = 0.0, num_deform_levels: int = 3) -> None:
+    def __init__(self, in_channels: list[int], conv_dim: int = 256, mask_dim: int = 256, num_layers: int = 6,
+                 num_heads: int = 8, num_points: int = 4, ffn_dim: int = 1024, dropout: float = 0.0,
+                 num_deform_levels: int = 3, text_dim: int | None = None, num_texts: int = 0,
+                 post_norm: bool = False) -> None:
         super().__init__()
+        name = type(self).__name__
         if len(in_channels) < num_deform_levels:
-            raise ValueError(f"TextPixelDecoder: {num_deform_levels} deformable levels need at least as many "
+            raise ValueError(f"{name}: {num_deform_levels} deformable levels need at least as many "
                              f"inputs, got in_channels {in_channels}")
+        if num_texts < 0 or (num_texts > 0) != (text_dim is not None):
+            raise ValueError(f"{name}: text_dim must be given exactly when num_texts > 0, got text_dim {text_dim}, "
+                             f"num_texts {num_texts}")
         self.in_channels = list(in_channels)
         self.num_texts = num_texts
         self.conv_dim = conv_dim
@@ -274,10 +330,13 @@ class TextPixelDecoder(nn.Module):
         ])
         self.position_encoding = SinePositionEncoding(conv_dim // 2, normalize=True)
         self.level_encoding = nn.Embedding(num_deform_levels, conv_dim)
-        self.encoder = TextPixelEncoder(num_layers, conv_dim, num_heads, num_deform_levels, num_points, ffn_dim,
-                                        dropout)
-        self.text_proj = nn.Linear(text_dim, conv_dim)
-        self.text_pos_embed = nn.Embedding(num_texts, conv_dim)
+        self.encoder = DeformEncoder(num_layers, conv_dim, num_heads, num_deform_levels, num_points, ffn_dim,
+                                     dropout, text_attention=num_texts > 0, post_norm=post_norm)
+        # Registered here, between the encoder and the FPN, to keep the checkpoints' parameter order (and
+        # with it optimizer states and the random draws of a seeded init).
+        if text_dim is not None:
+            self.text_proj = nn.Linear(text_dim, conv_dim)
+            self.text_pos_embed = nn.Embedding(num_texts, conv_dim)
         # FPN steps from low to high resolution: step j refines input num_fpn_levels − 1 − j.
         self.lateral_convs = nn.ModuleList([
             ConvGN(in_channels[self.num_fpn_levels - 1 - j], conv_dim, kernel_size=1, bias=False)
@@ -291,7 +350,7 @@ class TextPixelDecoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Re-initialise as the official decoder does.
+        """Re-initialise as the official decoders do.
 
         Input projections xavier-uniform; FPN and mask convs "caffe2 xavier" (kaiming-uniform with a = 1,
         i.e. U(±√(3/fan_in))); conv biases 0; level embedding N(0, 1); every matrix in the encoder
@@ -312,22 +371,28 @@ class TextPixelDecoder(nn.Module):
         for layer in self.encoder.layers:
             layer.attentions[0].reset_parameters()
 
-    def forward(self, features: list[torch.Tensor], text: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Decode the pyramid under text guidance.
+    def forward(self, features: list[torch.Tensor],
+                text: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Decode the pyramid (under text guidance when the decoder has text attention).
 
         Args:
             features: one (N, in_channels[i], H_i, W_i) map per input level, highest resolution first.
-            text: (N, num_texts, text_dim) class-text embeddings.
+            text: (N, num_texts, text_dim) class-text embeddings; required with text attention, refused without.
 
         Returns:
             mask_features: (N, mask_dim, H_0, W_0), at the highest input resolution.
             multi_scale: the ``num_deform_levels`` encoder outputs as (N, conv_dim, h, w), lowest resolution
-                first (18², 36², 72² for a 512² crop), the order the transformer decoder cycles through.
+                first (16², 32², 64² for a 512² window at stride 32 … 8), the order the transformer decoder
+                cycles through.
         """
+        name = type(self).__name__
         if len(features) != len(self.in_channels):
-            raise ValueError(f"TextPixelDecoder: {len(self.in_channels)} feature maps expected, got {len(features)}")
-        if text.dim() != 3 or text.shape[1] != self.num_texts:
-            raise ValueError(f"TextPixelDecoder: text must be (N, {self.num_texts}, text_dim), got {tuple(text.shape)}")
+            raise ValueError(f"{name}: {len(self.in_channels)} feature maps expected, got {len(features)}")
+        if self.num_texts == 0 and text is not None:
+            raise ValueError(f"{name}: this decoder has no text attention, text must be None")
+        if self.num_texts > 0 and (text is None or text.dim() != 3 or text.shape[1] != self.num_texts):
+            got = None if text is None else tuple(text.shape)
+            raise ValueError(f"{name}: text must be (N, {self.num_texts}, text_dim), got {got}")
         n = features[0].shape[0]
         tokens, positions, spatial_shapes = [], [], []
         for i, conv in enumerate(self.input_convs):
@@ -342,8 +407,10 @@ class TextPixelDecoder(nn.Module):
         # Every token samples all levels around its own centre (the same normalised point on each level).
         centres = pixel_centres(spatial_shapes, x.dtype, x.device)
         reference_points = centres[None, :, None, :].expand(n, -1, self.num_deform_levels, -1)
-        text_tokens = self.text_proj(text)
-        text_pos = self.text_pos_embed.weight.to(text_tokens.dtype).unsqueeze(0)
+        text_tokens = text_pos = None
+        if text is not None:
+            text_tokens = self.text_proj(text)
+            text_pos = self.text_pos_embed.weight.to(text_tokens.dtype).unsqueeze(0)
         x = self.encoder(x, pos, reference_points, spatial_shapes, text_tokens, text_pos)
 
         sizes = [h * w for h, w in spatial_shapes]
@@ -354,3 +421,46 @@ class TextPixelDecoder(nn.Module):
             up = F.interpolate(outs[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False)
             outs.append(output(lat + up))
         return self.mask_feature(outs[-1]), outs[:self.num_deform_levels]
+
+
+class TextPixelDecoder(DeformPixelDecoder):
+    """tqdm's text-conditioned pixel decoder: ``DeformPixelDecoder`` with text attention and the final norm.
+
+    Args:
+        in_channels: channels of each input level, highest resolution first (e.g. [2048] * 4 for maps of
+            144², 72², 36², 18²).
+        text_dim: width of the text embeddings.
+        num_texts: number of text tokens (classes), at least 1; the text positional table has this many rows.
+        conv_dim: token / feature width inside the decoder.
+        mask_dim: channels of the mask features.
+        num_layers: encoder layers.
+        num_heads: attention heads (deformable and text attention).
+        num_points: deformable sampling points per head and level.
+        ffn_dim: FFN hidden width (2048 in the official config, which overrides the 1024 of its FFN block).
+        dropout: dropout rate in the encoder layers; the official decoder uses 0.0 everywhere.
+        num_deform_levels: lowest-resolution levels refined by the encoder.
+    """
+
+    def __init__(self, in_channels: list[int], text_dim: int = 768, num_texts: int = 19, conv_dim: int = 256,
+                 mask_dim: int = 256, num_layers: int = 6, num_heads: int = 8, num_points: int = 4,
+                 ffn_dim: int = 2048, dropout: float = 0.0, num_deform_levels: int = 3) -> None:
+        if num_texts < 1:
+            raise ValueError(f"TextPixelDecoder: num_texts must be at least 1, got {num_texts}")
+        super().__init__(in_channels, conv_dim=conv_dim, mask_dim=mask_dim, num_layers=num_layers,
+                         num_heads=num_heads, num_points=num_points, ffn_dim=ffn_dim, dropout=dropout,
+                         num_deform_levels=num_deform_levels, text_dim=text_dim, num_texts=num_texts,
+                         post_norm=True)
+
+    def forward(self, features: list[torch.Tensor], text: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Decode the pyramid under text guidance.
+
+        Args:
+            features: one (N, in_channels[i], H_i, W_i) map per input level, highest resolution first.
+            text: (N, num_texts, text_dim) class-text embeddings.
+
+        Returns:
+            mask_features: (N, mask_dim, H_0, W_0), at the highest input resolution.
+            multi_scale: the ``num_deform_levels`` encoder outputs as (N, conv_dim, h, w), lowest resolution
+                first (18², 36², 72² for a 512² crop), the order the transformer decoder cycles through.
+        """
+        return super().forward(features, text)
