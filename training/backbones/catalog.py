@@ -68,6 +68,14 @@ def _entry(key: str, timm_name: str, dims: tuple[int, int, int, int], mean: tupl
     return BackboneEntry(key, timm_name, embed_dim, depth, num_heads, patch, taps, mean, std, hub_tag, **extra)
 
 
+def _da_v2_note(size: str, patch: int, img: int) -> str:
+    """The conversion command for a Depth Anything V2 encoder (``size``: s, b or l) at ``patch`` and ``img``."""
+    extra = f" --patch {patch} --img {img}" if (patch, img) != (16, 512) else ""
+    return (f"python -m training.backbones.convert --src depth_anything_v2_vit{size}.pth "
+            f"--dst depth_anything_v2_vit{size}{patch}_{img}.safetensors{extra} "
+            f"(or --src the Hugging Face Depth-Anything-V2-*-hf model.safetensors)")
+
+
 # EVA02 in timm has separate q/k/v projections (qkv_fused=False), so LoRA cannot target "qkv" there.
 _EVA_LORA = ("q_proj", "k_proj", "v_proj")
 
@@ -82,6 +90,19 @@ CATALOG: dict[str, BackboneEntry] = {e.key: e for e in (
            timm_kwargs=(("patch_size", 16),),
            weights_note="python -m training.backbones.convert --src dinov2_vitl14_pretrain.pth "
                         "--dst dinov2_vitl16_512.safetensors"),
+    # The Depth Anything V2 encoders (its DPT depth head unused): DINOv2 ViTs with layer-scale, so timm's DINOv2
+    # architectures hold them. timm hosts no such weights; the conversion reads the release .pth or the Hugging
+    # Face model.safetensors. At patch 14 and the native 518 it only renames keys.
+    _entry("depth_anything_v2_s14", "vit_small_patch14_dinov2", (384, 12, 6, 14), IMAGENET_MEAN, IMAGENET_STD,
+           weights_note=_da_v2_note("s", 14, 518)),
+    _entry("depth_anything_v2_b14", "vit_base_patch14_dinov2", (768, 12, 12, 14), IMAGENET_MEAN, IMAGENET_STD,
+           weights_note=_da_v2_note("b", 14, 518)),
+    _entry("depth_anything_v2_l14", "vit_large_patch14_dinov2", (1024, 24, 16, 14), IMAGENET_MEAN, IMAGENET_STD,
+           weights_note=_da_v2_note("l", 14, 518)),
+    # DepthForge's depth encoder, run in lockstep with dinov2_l16 at the same 32×32 grid at 512.
+    _entry("depth_anything_v2_l16", "vit_large_patch14_dinov2", (1024, 24, 16, 16), IMAGENET_MEAN, IMAGENET_STD,
+           timm_kwargs=(("patch_size", 16),),
+           weights_note=_da_v2_note("l", 16, 512)),
     # EVA02-CLIP-L/14 at 336 (EVA02_CLIP_L_336_psz14_s6B, the DGSS reference EVA02 weights).
     _entry("eva02_l14", "eva02_large_patch14_clip_336", (1024, 24, 16, 14), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
            "merged2b", lora_targets=_EVA_LORA),
@@ -102,15 +123,17 @@ def find_entry(key_or_name: str) -> BackboneEntry | None:
     """The entry for a catalog key or a timm name (tag optional), or None.
 
     A timm name maps to the entry built from it without extra kwargs (so
-    ``vit_large_patch14_dinov2`` is ``dinov2_l14``, never the patch-16 variant).
+    ``vit_large_patch14_dinov2`` is ``dinov2_l14``, never the patch-16 variant). It names timm's own
+    weights, so an entry with a hub tag wins over one whose weights come from a local file
+    (``dinov2_l14``, not ``depth_anything_v2_l14``, which shares its architecture).
     """
     if key_or_name in CATALOG:
         return CATALOG[key_or_name]
     base, tag = split_model_name_tag(key_or_name)
-    for entry in CATALOG.values():
-        if entry.timm_name == base and not entry.timm_kwargs and (not tag or tag == entry.hub_tag):
-            return entry
-    return None
+    matches = [e for e in CATALOG.values()
+               if e.timm_name == base and not e.timm_kwargs and (not tag or tag == e.hub_tag)]
+    matches.sort(key=lambda e: not e.hub_tag)  # stable: catalog order among equals
+    return matches[0] if matches else None
 
 
 def catalog_entry(key_or_timm_name: str) -> BackboneEntry:
