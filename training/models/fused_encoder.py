@@ -35,12 +35,12 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.models.eva import Eva
 from torch import nn
 
 from ..backbones.catalog import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..backbones.vit import quarter_depth_indices
 from .simple_fpn import SimpleFPN
+from .tower_steps import check_tower, embed_tokens, run_block
 
 # Taps of the official 24-block configs (after blocks 8, 12, 16 and 24, 1-based).
 MFUSER_TAPS = (7, 11, 15, 23)
@@ -114,22 +114,6 @@ def dense_attention_pool(pool: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _check_tower(name: str, tower: nn.Module) -> None:
-    """ValueError unless ``tower`` is a fixed-size timm ViT/Eva whose token grid the fusion can rely on."""
-    for attr in ("patch_embed", "blocks", "norm", "num_prefix_tokens", "embed_dim"):
-        if not hasattr(tower, attr):
-            raise ValueError(f"FusedEncoder: {name} tower {type(tower).__name__} has no {attr!r} "
-                             "(expected a timm VisionTransformer or Eva)")
-    if getattr(tower, "dynamic_img_size", False):
-        raise ValueError(f"FusedEncoder: {name} tower must be built at a fixed image size (dynamic_img_size=False)")
-    if getattr(tower, "rope_mixed", False):
-        raise ValueError(f"FusedEncoder: {name} tower uses depth-dependent (mixed) RoPE, which is not supported")
-    drop = getattr(tower, "patch_drop", None)
-    if drop is not None and not isinstance(drop, nn.Identity):
-        # Dropping patches would desynchronise the two token sequences the fusers align by position.
-        raise ValueError(f"FusedEncoder: {name} tower has patch dropout; build it with patch_drop_rate=0")
-
-
 class FusedEncoder(nn.Module):
     """DINOv2 + VLM vision towers fused block by block by MVFusers, with a simple FPN and the VLM's head.
 
@@ -171,8 +155,8 @@ class FusedEncoder(nn.Module):
         freeze_towers: bool = True,
     ) -> None:
         super().__init__()
-        _check_tower("DINOv2", dino)
-        _check_tower("VLM", vlm)
+        check_tower("FusedEncoder", "DINOv2", dino)
+        check_tower("FusedEncoder", "VLM", vlm)
         depth = len(dino.blocks)
         if len(vlm.blocks) != depth:
             raise ValueError(f"FusedEncoder: towers must have the same depth, DINOv2 {depth} vs VLM {len(vlm.blocks)}")
@@ -269,22 +253,6 @@ class FusedEncoder(nn.Module):
         """Re-normalise x from the VLM's statistics to DINOv2's: (x·σ_vlm + μ_vlm − μ_dino) / σ_dino, (N,3,H,W)."""
         return (x * self.vlm_std + self.vlm_mean - self.dino_mean) / self.dino_std
 
-    @staticmethod
-    def _embed(tower: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Pixels → tokens (N, P + h·w, D) ready for block 0, and EVA's rotary embedding (else None)."""
-        tokens = tower.patch_embed(x)
-        rope = None
-        if isinstance(tower, Eva):
-            tokens, rope = tower._pos_embed(tokens)  # Eva's also applies its (absent) patch dropout
-        else:
-            tokens = tower.patch_drop(tower._pos_embed(tokens))
-        return tower.norm_pre(tokens), rope
-
-    @staticmethod
-    def _block(tower: nn.Module, i: int, tokens: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
-        block = tower.blocks[i]
-        return block(tokens, rope=rope) if isinstance(tower, Eva) else block(tokens)
-
     def _grid(self, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
         """(N, P + h·w, D) → patch grid (N, D, h, w)."""
         h, w = self.grid_size
@@ -329,13 +297,13 @@ class FusedEncoder(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"FusedEncoder: expected (N, 3, {self.img_size[0]}, {self.img_size[1]}) input (the "
                              f"towers are built at a fixed size), got {tuple(x.shape)}")
-        d, dino_rope = self._embed(self.dino, self.dino_pixels(x))
-        v, vlm_rope = self._embed(self.vlm, x)
+        d, dino_rope = embed_tokens(self.dino, self.dino_pixels(x))
+        v, vlm_rope = embed_tokens(self.vlm, x)
         split = d.shape[1]
         taps = []
         for i in range(self.depth):
-            v = self._block(self.vlm, i, v, vlm_rope)
-            d = self._block(self.dino, i, d, dino_rope)
+            v = run_block(self.vlm, i, v, vlm_rope)
+            d = run_block(self.dino, i, d, dino_rope)
             if self.projections is None:
                 offsets = self.fusers[i](torch.cat([d, v], dim=1))
                 d = d + offsets[:, :split]
