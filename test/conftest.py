@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -61,6 +62,34 @@ TINY_MFUSER_CONFIG = {
 }
 
 
+# A tiny DepthForge: DINOv2- and Depth-Anything-V2-shaped towers of width 32 and depth 4 at patch 16 on 64²
+# windows (4×4 tokens, maps at 16², 8², 4², 2²), 10 tokens of rank 4 per layer, DQCM and a small Mask2Former
+# head; 64-pixel windows every 43 pixels of a 96×150 working frame (6 windows).
+TINY_DEPTHFORGE_CONFIG = {
+    "name": "tiny_depthforge_test",
+    "model": {
+        "family": "depthforge",
+        "img_size": [64, 64],
+        "backbone": {"name": "dinov2_l16", "weights": "", "lora": None, "finetune": "frozen",
+                     "overrides": {"embed_dim": 32, "depth": 4, "num_heads": 2}},
+        "depthforge": {
+            "depth": {"name": "depth_anything_v2_l16", "overrides": {"embed_dim": 32, "depth": 4, "num_heads": 2}},
+            "token_length": 10, "rank": 4, "conv_dim": 32, "mask_dim": 32, "pixel_decoder_layers": 2,
+            "pixel_ffn_dim": 64, "decoder_layers": 3, "heads": 4, "ffn_dim": 64, "num_points": 64,
+        },
+    },
+    "inference": {"mode": "slide", "test_size": [96, 150], "window": 64, "stride": 43},
+}
+
+# Rein, the same model without the depth tower and without DQCM.
+TINY_REIN_CONFIG = {
+    **TINY_DEPTHFORGE_CONFIG,
+    "name": "tiny_rein_test",
+    "model": {**TINY_DEPTHFORGE_CONFIG["model"], "family": "rein",
+              "depthforge": {**TINY_DEPTHFORGE_CONFIG["model"]["depthforge"], "depth": None, "dqcm": False}},
+}
+
+
 def make_tiny_weights(path: Path, seed: int = 0, config: dict | None = None, sharpen: float = 200.0) -> "object":
     """Random-initialised tiny VFMNet weights (LoRA B non-zero so merging matters); returns the config."""
     import torch
@@ -108,31 +137,89 @@ def tiny_c2f_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work / "package"
 
 
-def make_tiny_mfuser_weights(path: Path, seed: int = 0) -> "object":
-    """Random tiny MFuser weights (fusers' scales non-zero so fusion matters, sharp masks); returns the config."""
+def save_tiny_model(path: Path, config: dict, seed: int, edit: "object") -> "object":
+    """Build ``config``'s model (random init, seeded), pass every tensor through ``edit(key, value)``, save it.
+
+    Returns the config. ``edit`` returns the value to store (e.g. sharper masks, tokens that matter).
+    """
     import torch
     from safetensors.torch import save_file
 
     from training.build import build_model
     from training.config import config_from_dict
 
-    cfg = config_from_dict(TINY_MFUSER_CONFIG)
+    cfg = config_from_dict(copy.deepcopy(config))
     torch.manual_seed(seed)
-    model = build_model(cfg.model)
-    state = model.state_dict()
-    for k, v in state.items():
-        if k.startswith("backbone.fusers.") and k.endswith(".scale"):
-            state[k] = torch.full_like(v, 0.5)
-        elif k == "decode_head.decoder.mask_embed.4.weight":
-            # Sharp masks: at random init every query's mask is ≈ 0.5 everywhere and the labels constant,
-            # which would let wrong outputs pass the tests.
-            state[k] = v * 40.0
-        elif k == "decode_head.decoder.cls_embed.weight":
-            state[k] = v * 10.0  # each query decides on a class of its own
-        elif k == "text_encoder.contexts":
-            state[k] = v * 0.02  # the official N(0, 1) context drowns the class names at random init
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    state = build_model(cfg.model).state_dict()
+    save_file({k: edit(k, v).contiguous() for k, v in state.items()}, str(path))
     return cfg
+
+
+def sharp_head(key: str, value: "object") -> "object":
+    """Sharper masks and class heads: at random init every query's mask is ≈ 0.5 everywhere and the labels
+    near-constant, which would let wrong outputs pass the tests; here each query decides on a class of its own."""
+    if key == "decode_head.decoder.mask_embed.4.weight":
+        return value * 40.0
+    if key == "decode_head.decoder.cls_embed.weight":
+        return value * 10.0
+    return value
+
+
+def make_tiny_mfuser_weights(path: Path, seed: int = 0) -> "object":
+    """Random tiny MFuser weights (fusers' scales non-zero so fusion matters, sharp masks); returns the config."""
+    def edit(key: str, value: "object") -> "object":
+        if key.startswith("backbone.fusers.") and key.endswith(".scale"):
+            return value * 0.0 + 0.5
+        if key == "text_encoder.contexts":
+            return value * 0.02  # the official N(0, 1) context drowns the class names at random init
+        return sharp_head(key, value)
+
+    return save_tiny_model(path, TINY_MFUSER_CONFIG, seed, edit)
+
+
+def make_tiny_depthforge_weights(path: Path, seed: int = 0, config: dict | None = None) -> "object":
+    """Random tiny DepthForge (or Rein) weights with tokens that matter and sharp masks; returns the config."""
+    def edit(key: str, value: "object") -> "object":
+        # The official 1e-3 start of the tokens' scale would leave them without effect.
+        return value * 0.0 + 0.5 if key == "backbone.reins.scale" else sharp_head(key, value)
+
+    return save_tiny_model(path, config or TINY_DEPTHFORGE_CONFIG, seed, edit)
+
+
+def check_slide_runtime(package: Path, config: dict, backend: str, window_batch: int) -> None:
+    """The runtime's slide labels and confidence on a smooth random frame equal the PyTorch reference's.
+
+    The frame has the package's working size, so the reference (``training.inference.Predictor``) and the
+    runtime see the same pixels.
+    """
+    import numpy as np
+    import torch
+
+    from dgss_perception.engine import Segmenter
+    from training.checkpoint import load_state_dict_file
+    from training.config import config_from_dict
+    from training.inference import Predictor
+
+    cfg = config_from_dict(copy.deepcopy(config))
+    height, width = cfg.inference.test_size
+    predictor = Predictor(cfg, load_state_dict_file(package.parent / "weights.safetensors"))
+    segmenter = Segmenter(package, backend=backend, device="cpu", output_resolution="network",
+                          window_batch=window_batch)
+    rng = np.random.default_rng(3)
+    small = torch.from_numpy(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).permute(2, 0, 1)[None].float()
+    rgb = torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0]
+    rgb = np.clip(rgb.permute(1, 2, 0).numpy() + rng.normal(0, 8, (height, width, 3)), 0, 255).astype(np.uint8)
+    with torch.no_grad():
+        probs = torch.softmax(predictor.logits(rgb), dim=1)[0].numpy()
+    result = segmenter.segment(rgb)
+    top2 = np.sort(probs, axis=0)[-2:]
+    tied = (top2[1] - top2[0]) < 1e-5
+    want = probs.argmax(axis=0)
+    assert np.array_equal(result.labels[~tied], want[~tied])
+    # Masked attention thresholds sigmoid(mask) at 0.5: a mask logit within rounding of 0 flips a key in or out,
+    # so the graphs may move a probability by more than their float error where that happens.
+    assert np.abs(result.network_confidence - top2[1]).max() < 1e-3
+    assert len(np.unique(want)) >= 2
 
 
 @pytest.fixture(scope="session")
@@ -142,6 +229,17 @@ def tiny_mfuser_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     work = tmp_path_factory.mktemp("tiny_mfuser")
     cfg = make_tiny_mfuser_weights(work / "weights.safetensors")
+    export_package(cfg, work / "weights.safetensors", work / "package")
+    return work / "package"
+
+
+@pytest.fixture(scope="session")
+def tiny_depthforge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported tiny DepthForge slide package; its weights beside it (weights.safetensors)."""
+    from training.export import export_package
+
+    work = tmp_path_factory.mktemp("tiny_depthforge")
+    cfg = make_tiny_depthforge_weights(work / "weights.safetensors")
     export_package(cfg, work / "weights.safetensors", work / "package")
     return work / "package"
 

@@ -184,15 +184,18 @@ def test_coarse_to_fine_package(tmp_path, tiny_c2f_dir, ros_domain_id):
             assert h.close() == 0, h.log.read_text()
 
 
-def test_mfuser_slide_package(tmp_path, tiny_mfuser_dir, ros_domain_id):
-    """An MFuser package (slide inference, windows batched) runs unchanged in the node."""
+@pytest.mark.parametrize("package", ["tiny_mfuser_dir", "tiny_depthforge_dir"], ids=["mfuser", "depthforge"])
+def test_slide_package(tmp_path, package, request, ros_domain_id):
+    """Slide packages (MFuser; DepthForge with DINOv2 and Depth Anything V2 in one graph) run unchanged."""
+    directory = request.getfixturevalue(package)
     frame = make_image(9000, 200, 130, "rgb8")
-    h = Harness(tmp_path, tiny_mfuser_dir, "raw", ["-p", "window_batch:=4"], ns="/mfuser")
+    h = Harness(tmp_path, directory, "raw", ["-p", "window_batch:=4"], ns="/" + package.split("_")[1])
     try:
         out = h.send(frame)
         assert (out.width, out.height) == (200, 130) and out.header.frame_id == "camera_optical"
-        expected = Segmenter(tiny_mfuser_dir, backend="onnx").segment(image_to_rgb(frame))
+        expected = Segmenter(directory, backend="onnx").segment(image_to_rgb(frame))
         np.testing.assert_array_equal(labels_array(out), expected.labels)
+        assert len(np.unique(expected.labels)) >= 2
     finally:
         assert h.close() == 0, h.log.read_text()
 

@@ -16,11 +16,15 @@ from .backbones.vit import ViTBackbone, create_vit
 from .config import ModelConfig
 from .models.deconv_head import DeconvHead
 from .models.fused_encoder import FusedEncoder, FuserProjections
-from .models.mask_decoder import TextQueryDecoder
+from .models.depthforge import DepthForge, MaskFormerHead
+from .models.mask_decoder import MaskedQueryDecoder, TextQueryDecoder
 from .models.mfuser import MFuser, TextQueryHead
 from .models.mgrnet import MGRNet
 from .models.mvfuser import MVFuser
-from .models.pixel_decoder import TextPixelDecoder
+from .models.pixel_decoder import DeformPixelDecoder, TextPixelDecoder
+from .models.query_correction import QueryCorrection
+from .models.rein_encoder import ReinEncoder
+from .models.rein_tokens import ReinTokens
 from .models.simple_fpn import SimpleFPN
 from .models.text_encoder import PromptTextEncoder, build_text_tower, name_tokenizer
 from .models.text_enhancer import ContextDecoder
@@ -108,11 +112,58 @@ def build_mfuser(cfg: ModelConfig, img_size: tuple[int, int] | None = None, load
     return MFuser(encoder, text_encoder, context_decoder, TextQueryHead(pixel_decoder, decoder), gamma)
 
 
+def build_depthforge(cfg: ModelConfig, img_size: tuple[int, int] | None = None,
+                     load_weights: bool = True) -> DepthForge:
+    """DepthForge (family depthforge) or its Rein baseline (family rein) at ``img_size`` (default cfg.img_size).
+
+    ``cfg.backbone`` is the frozen visual tower (DINOv2-L at patch 16 for the official 512² windows),
+    ``cfg.depthforge`` the depth tower, the tokens and the head. Tower weights load from their ``weights``.
+    """
+    d = cfg.depthforge
+    if d is None:
+        raise ValueError(f"model.family {cfg.family} needs a model.depthforge section")
+    if cfg.family == "depthforge" and d.depth is None:
+        raise ValueError("model.family depthforge needs model.depthforge.depth (the Depth Anything V2 encoder)")
+    if cfg.family == "rein" and (d.depth is not None or d.dqcm):
+        raise ValueError("model.family rein is DepthForge without depth: set model.depthforge.depth: null and "
+                         "dqcm: false (or use family depthforge)")
+    size = tuple(img_size or cfg.img_size)
+    b = cfg.backbone
+    visual = create_vit(b.name, size, weights=b.weights if load_weights else "", overrides=b.overrides)
+    depth = None
+    if d.depth is not None:
+        depth = create_vit(d.depth.name, size, weights=d.depth.weights if load_weights else "",
+                           overrides=d.depth.overrides)
+    width = int(visual.embed_dim)
+    patch = int(visual.patch_embed.patch_size[0])
+    reins = ReinTokens(len(visual.blocks), width, patch_size=patch, token_length=d.token_length, rank=d.rank,
+                       query_dim=d.conv_dim, scale_init=d.scale_init)
+    stats = {}
+    for prefix, name in (("", b.name), ("depth_", d.depth.name if d.depth is not None else "")):
+        entry = find_entry(name) if name else None
+        if entry is not None:
+            stats.update({f"{prefix}mean": entry.mean, f"{prefix}std": entry.std})
+    encoder = ReinEncoder(visual, reins, depth, out_indices=b.out_indices or default_out_indices(b.name, len(
+        visual.blocks)), scales=d.scales, **stats)
+    num_maps = len(encoder.out_indices)
+    pixel_decoder = DeformPixelDecoder([width] * num_maps, conv_dim=d.conv_dim, mask_dim=d.mask_dim,
+                                       num_layers=d.pixel_decoder_layers, num_heads=d.heads, num_points=d.points,
+                                       ffn_dim=d.pixel_ffn_dim)
+    decoder = MaskedQueryDecoder(hidden_dim=d.conv_dim, num_queries=d.token_length, num_classes=cfg.num_classes,
+                                 num_heads=d.heads, num_layers=d.decoder_layers, ffn_dim=d.ffn_dim,
+                                 mask_dim=d.mask_dim)
+    correction = QueryCorrection(width, num_maps, d.dqcm_reduction) if d.dqcm else None
+    return DepthForge(encoder, MaskFormerHead(pixel_decoder, decoder, correction))
+
+
 def build_model(cfg: ModelConfig, img_size: tuple[int, int] | None = None, with_lora: bool = True,
                 load_weights: bool = True) -> nn.Module:
-    """The model of ``cfg.family`` (vfmnet_mgrnet or mfuser)."""
+    """The model of ``cfg.family`` (vfmnet_mgrnet, mfuser, depthforge or rein)."""
     if cfg.family == "mfuser":
         return build_mfuser(cfg, img_size, load_weights)
+    if cfg.family in ("depthforge", "rein"):
+        return build_depthforge(cfg, img_size, load_weights)
     if cfg.family == "vfmnet_mgrnet":
         return build_vfmnet(cfg, img_size, with_lora, load_weights)
-    raise ValueError(f"model.family {cfg.family!r} cannot be built here (known: vfmnet_mgrnet, mfuser)")
+    raise ValueError(f"model.family {cfg.family!r} cannot be built here (known: vfmnet_mgrnet, mfuser, depthforge, "
+                     "rein)")

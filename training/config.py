@@ -74,7 +74,20 @@ class TextConfig:
 
 
 @dataclass
-class MFuserConfig:
+class MaskLossConfig:
+    """Weights and point sampling of the mask classification losses (Mask2Former's, on every prediction set)."""
+
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+
+
+@dataclass
+class MFuserConfig(MaskLossConfig):
     """MFuser's parts beyond the DINOv2 backbone (``model.backbone``): sizes of the official model."""
 
     vlm: VisionConfig = field(default_factory=VisionConfig)
@@ -104,25 +117,63 @@ class MFuserConfig:
     heads: int = 8
     points: int = 4
     ffn_dim: int = 2048
-    # Losses: identity-assigned mask classification on every prediction set, plus pixel-text alignment.
-    class_weight: float = 2.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    no_object_weight: float = 0.1
-    num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
+    # Losses: identity-assigned mask classification on every prediction set (the inherited weights), plus
+    # pixel-text alignment.
     align_weight: float = 1.0
     tau: float = 0.07
 
 
 @dataclass
+class DepthTowerConfig:
+    """DepthForge's frozen depth encoder (Depth Anything V2's ViT), run in lockstep with the backbone."""
+
+    name: str = "depth_anything_v2_l16"  # catalog key or timm name; same width, depth and token grid as the backbone
+    weights: str = ""  # "" random init, or a local file (see the catalog entry's conversion command)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DepthForgeConfig(MaskLossConfig):
+    """DepthForge's and Rein's parts beyond the visual backbone (``model.backbone``): the official sizes.
+
+    Family ``depthforge`` needs ``depth`` (and by default adds DQCM); family ``rein`` is the same model with
+    ``depth: null`` and ``dqcm: false``.
+    """
+
+    depth: DepthTowerConfig | None = field(default_factory=DepthTowerConfig)
+    # Rein's low-rank tokens after every block.
+    token_length: int = 100
+    rank: int = 16
+    scale_init: float = 1.0e-3
+    # Resize factors of the four taps (strides 4, 8, 16, 32 of a patch-16 tower).
+    scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
+    # Dynamic query correction module on the stride-4 map.
+    dqcm: bool = True
+    dqcm_reduction: int = 16
+    # Mask2Former head (mmdet's MSDeformAttn pixel decoder, masked transformer decoder).
+    conv_dim: int = 256  # also the width of the token-derived queries
+    mask_dim: int = 256
+    pixel_decoder_layers: int = 6
+    pixel_ffn_dim: int = 1024
+    decoder_layers: int = 9
+    heads: int = 8
+    points: int = 4
+    ffn_dim: int = 2048
+    # Losses: mask classification on every prediction set (the inherited weights), Hungarian-matched with
+    # these costs.
+    class_cost: float = 2.0
+    mask_cost: float = 5.0
+    dice_cost: float = 5.0
+
+
+@dataclass
 class ModelConfig:
-    family: str = "vfmnet_mgrnet"  # vfmnet_mgrnet | mfuser
+    family: str = "vfmnet_mgrnet"  # vfmnet_mgrnet | mfuser | depthforge | rein
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     refine: RefineConfig | None = None  # None: VFMNet alone (whole-image inference only)
     mfuser: MFuserConfig | None = None  # the family mfuser's parts; backbone is its DINOv2
+    depthforge: DepthForgeConfig | None = None  # the families depthforge and rein; backbone is the visual tower
     num_classes: int = 19
     img_size: list[int] = field(default_factory=lambda: [512, 512])  # (H, W) the network sees
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -189,6 +240,17 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_iters: int = 1500
     poly_power: float = 1.0
+    # "poly": linear warm-up over warmup_iters, then (1 − t)^poly_power; "onecycle": PyTorch's OneCycleLR
+    # (cosine rise from lr/onecycle_div over onecycle_pct of the iterations, cosine fall to
+    # lr/onecycle_div/onecycle_final_div), DepthForge's schedule.
+    schedule: str = "poly"
+    onecycle_pct: float = 0.2
+    onecycle_div: float = 10.0
+    onecycle_final_div: float = 10.0
+    # Parameters without weight decay: every normalisation layer's when no_decay_norm, and those whose
+    # names contain one of no_decay_keys (embeddings, learnable tokens, as mmengine's paramwise_cfg).
+    no_decay_norm: bool = False
+    no_decay_keys: list[str] = field(default_factory=list)
     # mmseg's cross-entropy divides by every pixel, ignored ones included ("all", the official
     # setting); "valid" divides by the labelled pixels only.
     loss_norm: str = "all"

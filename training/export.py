@@ -29,7 +29,7 @@ from dgss_perception.labels import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 
 from .checkpoint import load_state_dict_file
 from .config import TrainConfig, load_config
-from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph, WindowGraph, with_constant_text
+from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph, WindowGraph, with_constants
 from .inference import model_at_size, window_grid
 
 GRAPH = "whole"
@@ -39,10 +39,12 @@ SLIDE_FAMILIES = ("mfuser", "depthforge", "rein")
 
 
 def backbone_names(cfg: TrainConfig) -> list[str]:
-    """The foundation models a package runs: the backbone, and MFuser's VLM vision tower beside DINOv2."""
+    """The foundation models a package runs: the backbone, MFuser's VLM tower or DepthForge's depth tower beside it."""
     names = [cfg.model.backbone.name]
     if cfg.model.mfuser is not None:
         names.append(cfg.model.mfuser.vlm.name)
+    if cfg.model.depthforge is not None and cfg.model.depthforge.depth is not None:
+        names.append(cfg.model.depthforge.depth.name)
     return names
 
 
@@ -63,8 +65,8 @@ class ParityError(RuntimeError):
 
 
 def load_export_model(cfg: TrainConfig, weights: Path, size: tuple[int, int]) -> nn.Module:
-    """The trained model at ``size``, in eval mode: LoRA merged into the backbone, MFuser's text embeddings constant."""
-    model = with_constant_text(model_at_size(cfg, load_state_dict_file(weights), size))
+    """The trained model at ``size``, in eval mode: LoRA merged, MFuser's text and DepthForge's queries constant."""
+    model = with_constants(model_at_size(cfg, load_state_dict_file(weights), size))
     # No gradients in an exported graph; parameters passed between modules as inputs (MFuser's text
     # positions) would otherwise trip the FLOP counter's module tracker under no_grad.
     return model.requires_grad_(False)
@@ -523,6 +525,12 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         card["export"]["mfuser"] = {"vlm": {"name": m.vlm.name, "overrides": m.vlm.overrides},
                                     "text": {"name": m.text.name, "overrides": m.text.overrides,
                                              "in_graph": "class embeddings precomputed as a constant"}}
+    if cfg.model.depthforge is not None:
+        d = cfg.model.depthforge
+        card["export"]["depthforge"] = {
+            "depth": None if d.depth is None else {"name": d.depth.name, "overrides": d.depth.overrides},
+            "tokens": {"length": d.token_length, "rank": d.rank}, "dqcm": d.dqcm,
+            "queries": "decoder queries precomputed from the tokens as a constant"}
     if benchmark:
         # Twice: at the top for anyone reading card.json, in ``export`` for the runtime's ModelCard.export.
         card["benchmark"] = True

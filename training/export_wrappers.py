@@ -199,6 +199,32 @@ def with_constant_text(model: nn.Module) -> nn.Module:
     return model
 
 
+class ConstantQueries(nn.Module):
+    """A Rein/DepthForge model whose decoder queries are held as a constant (Q, C).
+
+    The queries are a function of the learned tokens only, so the graph carries their value instead of the
+    token-to-query layers; forward(x) is the model's forward with these queries.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            self.register_buffer("queries", model.queries().detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised → the model's scores."""
+        return self.model(x, queries=self.queries)
+
+
+def with_constants(model: nn.Module) -> nn.Module:
+    """Every image-independent input of ``model`` computed once: MFuser's text, Rein's and DepthForge's queries."""
+    model = with_constant_text(model)
+    if callable(getattr(model, "queries", None)) and not isinstance(model, ConstantQueries):
+        model = ConstantQueries(model)
+    return model
+
+
 class WindowGraph(nn.Module):
     """Slide inference's window graph: uint8 (K,w,w,3) RGB windows → class scores float32 (K,C,w,w).
 

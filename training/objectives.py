@@ -3,11 +3,13 @@
 A model without a refine head (VFMNet alone) is trained on one view: the whole crop at the
 network size. A model with one (VFMNet + MGRNet, the VFMSeg model) is trained on two views of
 a larger crop (``two_view_losses``). MFuser is trained with tqdm's mask classification losses on
-every prediction set plus the pixel-text alignment loss (``mfuser_losses``).
+every prediction set plus the pixel-text alignment loss (``mfuser_losses``); DepthForge and Rein with
+Mask2Former's Hungarian-matched mask classification losses (``maskformer_losses``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -16,8 +18,9 @@ from torch import nn
 
 from dgss_perception.labels import IGNORE_INDEX
 
-from .config import TrainConfig
+from .config import MaskLossConfig, TrainConfig
 from .mask_losses import identity_targets, mask_classification_loss, pixel_text_alignment_loss
+from .models.depthforge import DepthForge
 from .models.mfuser import MFuser
 
 # Corners of the high-resolution window lie on multiples of this many pixels (the official
@@ -137,6 +140,8 @@ def compute_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     """
     if isinstance(model, MFuser):
         return mfuser_losses(model, images, labels, cfg)
+    if isinstance(model, DepthForge):
+        return maskformer_losses(model, images, labels, cfg)
     if getattr(model, "refine_head", None) is not None:
         loss_coarse, loss_refine = two_view_losses(model, images, labels, cfg)
         loss = loss_coarse + cfg.model.refine.loss_weight * loss_refine
@@ -148,6 +153,24 @@ def compute_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss, {"loss_coarse": float(loss.detach())}
 
 
+def loss_settings(cfg: MaskLossConfig) -> dict[str, float]:
+    """``mask_classification_loss``'s keyword arguments from a family's loss settings."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(MaskLossConfig)}
+
+
+def mean_mask_count(labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The ground-truth masks (present classes) of this batch averaged over the ranks; None on one process.
+
+    Every rank then divides its mask terms by the same count (the official reduce_mean); on one process
+    the loss counts the batch's masks itself.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    count = identity_targets(labels, num_classes).present.sum().float().to(labels.device)
+    torch.distributed.all_reduce(count)
+    return count / torch.distributed.get_world_size()
+
+
 def mfuser_losses(model: MFuser, images: torch.Tensor, labels: torch.Tensor,
                   cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """MFuser's objective: Σ over the prediction sets of 2·CE + 5·BCE + 5·Dice, plus L_reg^VL.
@@ -157,18 +180,29 @@ def mfuser_losses(model: MFuser, images: torch.Tensor, labels: torch.Tensor,
     """
     m = cfg.model.mfuser
     out = model.forward_train(images)
-    num_masks = None  # one process: the loss counts this batch's present classes itself
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        num_masks = identity_targets(labels, cfg.model.num_classes).present.sum().float().to(images.device)
-        torch.distributed.all_reduce(num_masks)
-        num_masks = num_masks / torch.distributed.get_world_size()
+    num_masks = mean_mask_count(labels.to(images.device), cfg.model.num_classes)
     mask_losses = mask_classification_loss(
         [c.float() for c in out.class_logits], [k.float() for k in out.mask_logits], labels,
-        num_classes=cfg.model.num_classes, class_weight=m.class_weight, mask_weight=m.mask_weight,
-        dice_weight=m.dice_weight, no_object_weight=m.no_object_weight, num_points=m.num_points,
-        oversample_ratio=m.oversample_ratio, importance_sample_ratio=m.importance_sample_ratio, num_masks=num_masks)
+        num_classes=cfg.model.num_classes, num_masks=num_masks, **loss_settings(m))
     align = pixel_text_alignment_loss(out.score_map, labels, tau=m.tau, weight=m.align_weight)
     loss = mask_losses["loss"] + align
     parts = {k: float(mask_losses[k].detach()) for k in ("loss_cls", "loss_mask", "loss_dice")}
     parts["loss_align"] = float(align.detach())
     return loss, parts
+
+
+def maskformer_losses(model: DepthForge, images: torch.Tensor, labels: torch.Tensor,
+                      cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """DepthForge's and Rein's objective: Σ over the prediction sets of 2·CE + 5·BCE + 5·Dice, Hungarian-matched.
+
+    Every set is matched to the image's present classes by its own Hungarian assignment (costs 2/5/5 on
+    uniformly sampled points); the losses use PointRend's uncertain points, as Mask2Former.
+    """
+    d = cfg.model.depthforge
+    out = model.forward_train(images)
+    losses = mask_classification_loss(
+        [c.float() for c in out.class_logits], [k.float() for k in out.mask_logits], labels,
+        num_classes=cfg.model.num_classes, num_masks=mean_mask_count(labels.to(images.device), cfg.model.num_classes),
+        matching="hungarian", class_cost=d.class_cost, mask_cost=d.mask_cost, dice_cost=d.dice_cost,
+        **loss_settings(d))
+    return losses["loss"], {k: float(losses[k].detach()) for k in ("loss_cls", "loss_mask", "loss_dice")}

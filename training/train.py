@@ -22,7 +22,7 @@ import sys
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from .distributed import (DistContext, SyncCheck, any_over_ranks, barrier, distr
                           gather_objects, mean_over_ranks)
 from .models.preprocess import normalize
 from .inference import Predictor
+from .models.depthforge import DepthForge
 from .models.mfuser import MFuser
 from .objectives import compute_loss
 
@@ -68,18 +69,24 @@ class LossModule(nn.Module):
 # MFuser's frozen parts: both vision towers and the text tower. Everything else learns: the MVFusers,
 # the FPN, the prompt context, γ, MTEnhancer and the decode head (the paper's and the released code's split).
 MFUSER_FROZEN = ("backbone.dino.", "backbone.vlm.", "text_encoder.text.")
+# DepthForge's and Rein's frozen parts: the visual tower and the depth tower. The tokens (with the queries they
+# make), DQCM and the Mask2Former head learn.
+DEPTHFORGE_FROZEN = ("backbone.visual.", "backbone.depth.")
 
 
 def set_trainable(model: nn.Module, finetune: str) -> None:
     """Training policy lives here, not in the model: which backbone weights learn (every other module does).
 
-    ``finetune`` (lora | full | frozen) applies to VFMNet's backbone; MFuser's towers are always frozen.
+    ``finetune`` (lora | full | frozen) applies to VFMNet's backbone; the towers of MFuser, DepthForge and
+    Rein are always frozen.
     """
     if finetune not in ("lora", "full", "frozen"):
         raise ValueError(f"backbone.finetune must be lora, full or frozen, got {finetune!r}")
-    if isinstance(model, MFuser):
+    frozen = MFUSER_FROZEN if isinstance(model, MFuser) else DEPTHFORGE_FROZEN if isinstance(
+        model, DepthForge) else None
+    if frozen is not None:
         for name, p in model.named_parameters():
-            p.requires_grad = not name.startswith(MFUSER_FROZEN)
+            p.requires_grad = not name.startswith(frozen)
         return
     for child_name, child in model.named_children():
         for name, p in child.named_parameters():
@@ -96,13 +103,67 @@ def poly_warmup(step: int, warmup: int, total: int, power: float) -> float:
     return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** power
 
 
+def one_cycle(step: int, total: int, pct: float, div: float, final_div: float) -> float:
+    """LR factor of PyTorch's OneCycleLR (cosine both ways) relative to its peak, at ``step`` of ``total``.
+
+    From 1/div up to 1 over the first ``pct`` of the steps, then down to 1/(div·final_div) at the last step.
+    """
+    def cos(start: float, end: float, t: float) -> float:
+        return end + (start - end) / 2 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+    low, floor = 1.0 / div, 1.0 / (div * final_div)
+    peak_step = float(pct * total) - 1
+    if step <= peak_step:
+        return cos(low, 1.0, step / peak_step)
+    return cos(1.0, floor, (step - peak_step) / max(1e-12, total - 1 - peak_step))
+
+
+def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    """The schedule of ``optim.schedule`` as a factor of each group's rate per step."""
+    o = cfg.optim
+    if o.schedule == "poly":
+        return lambda s: poly_warmup(s, o.warmup_iters, o.iters, o.poly_power)
+    if o.schedule == "onecycle":
+        if not 0 < o.onecycle_pct < 1 or o.onecycle_pct * o.iters < 2:
+            raise ValueError(f"optim.onecycle_pct must leave at least 2 rising steps in (0, 1), got "
+                             f"{o.onecycle_pct} of {o.iters} iterations")
+        return lambda s: one_cycle(s, o.iters, o.onecycle_pct, o.onecycle_div, o.onecycle_final_div)
+    raise ValueError(f"optim.schedule must be poly or onecycle, got {o.schedule!r}")
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def no_decay_names(model: nn.Module, cfg: TrainConfig) -> set[str]:
+    """Names of the parameters trained without weight decay (``optim.no_decay_norm``, ``optim.no_decay_keys``)."""
+    names = set()
+    if cfg.optim.no_decay_norm:
+        for module_name, module in model.named_modules():
+            if isinstance(module, _NORMS):
+                names.update(f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(
+                    recurse=False))
+    keys = tuple(cfg.optim.no_decay_keys)
+    names.update(n for n, _ in model.named_parameters() if keys and any(k in n for k in keys))
+    return names
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW: the backbone at lr_backbone, the decoder side (head, a refinement head) at lr_head."""
-    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    seen = {id(p) for p in model.backbone.parameters()}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    groups = [{"params": backbone, "lr": cfg.optim.lr_backbone}, {"params": rest, "lr": cfg.optim.lr_head}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.optim.weight_decay)
+    """AdamW: the backbone at lr_backbone, the decoder side (head, a refinement head) at lr_head.
+
+    Each side splits again into parameters with ``optim.weight_decay`` and those without (norms, embeddings
+    and tokens, where the config says so).
+    """
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    exempt = no_decay_names(model, cfg)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((id(p) in backbone_ids, name in exempt), []).append(p)
+    o = cfg.optim
+    ordered = [{"params": groups.get((side, skip), []), "lr": o.lr_backbone if side else o.lr_head,
+                "weight_decay": 0.0 if skip else o.weight_decay}
+               for side in (True, False) for skip in (False, True)]
+    return torch.optim.AdamW([g for g in ordered if g["params"]], weight_decay=o.weight_decay)
 
 
 @torch.no_grad()
@@ -232,8 +293,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume: bool, prog
     # The same Parameter objects DDP will wrap: the optimizer steps the synchronised gradients.
     optimizer = build_optimizer(model, cfg)
     o = cfg.optim
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: poly_warmup(s, o.warmup_iters, o.iters, o.poly_power))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
 
     step, epoch = 0, 0
     last = run_dir / "checkpoints" / "last.pt"
