@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, TINY_DEPTHFORGE_CONFIG, TINY_MFUSER_CONFIG
 from training.build import build_vfmnet
 from training.config import config_from_dict
 from training.distributed import (SYNC_CHECK_ENV, SyncCheck, distributed_session, resolve_backend, resolve_device,
@@ -128,6 +128,30 @@ def test_checkpoint_holds_every_rank_and_resume_continues(two_rank_run):
     resumed = read_jsonl(Path(f"{two_rank_run['sync']}.rank1.jsonl"))[3]
     assert resumed["step"] == 4 and resumed["param_sha256"] != before[1][2]["param_sha256"]
     print(f"two-rank 3-step run: {two_rank_run['first_s']:.1f} s")
+
+
+@pytest.mark.parametrize("config", [TINY_MFUSER_CONFIG, TINY_DEPTHFORGE_CONFIG], ids=["mfuser", "depthforge"])
+def test_mask_classification_families_train_in_sync_on_two_ranks(tmp_path, config):
+    """MFuser (identity assignment) and DepthForge (Hungarian matching per rank) under torchrun: the mask count
+    is averaged over the ranks, every trainable parameter gets a gradient on both, and the ranks stay equal."""
+    write_cityscapes(tmp_path / "cs", "train", 4, seed=3)
+    data = json.loads(json.dumps(config))
+    size = data["model"]["img_size"]
+    data.update(data={"root": str(tmp_path / "cs"), "scale_range": [1.0, 1.2], "crop_size": size},
+                optim={"iters": 2, "batch_size": 1, "lr_backbone": 1e-3, "lr_head": 1e-3, "warmup_iters": 1},
+                num_workers=0, log_every=1, checkpoint_every=2, threads=1, dist_backend="auto")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    sync = tmp_path / "sync"
+    torchrun(cfg_path, tmp_path / "run", 2, sync)
+    ranks = [read_jsonl(Path(f"{sync}.rank{rank}.jsonl")) for rank in (0, 1)]
+    assert [r["step"] for r in ranks[0]] == [r["step"] for r in ranks[1]] == [1, 2]
+    for a, b in zip(*ranks):
+        assert (a["param_sha256"], a["param_sum"]) == (b["param_sha256"], b["param_sum"]), a["step"]
+        assert a["batch_sha256"] != b["batch_sha256"], a["step"]
+    steps = [line for line in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "step" in line]
+    assert all(line["world_size"] == 2 and math.isfinite(line["loss"]) for line in steps)
+    assert {"loss_cls", "loss_mask", "loss_dice"} <= set(steps[-1]["loss_parts"])
 
 
 def test_single_process_helpers(tmp_path, monkeypatch):
