@@ -40,8 +40,9 @@ reliable, one subscriber in this process). Only these steps are timed; the next 
 the subscriber has the previous one. ``overhead_ratio`` = node overhead / raw floor median. Both
 sides end at ``publish()`` returning, so neither counts delivery to another process.
 
-Compute floor: FLOPs per frame from the card's ``export.flops`` (``whole``; ``coarse``; or
-``coarse`` + mean windows refined × ``refine_per_window`` for coarse-to-fine), divided by the
+Compute floor: FLOPs per frame from the card's ``export.flops`` (``whole``; ``coarse``;
+``coarse`` + mean windows refined × ``refine_per_window`` for coarse-to-fine; the card's windows ×
+``window`` for slide), divided by the
 device's matrix throughput for the package's precision: measured here (best of several large
 matmuls: numpy fp32 on CPU, torch fp32/tf32/fp16/bf16 on CUDA) or ``--peak-gflops``. Ratio =
 engine inference median / floor. A card without ``export.flops`` gives null figures.
@@ -75,7 +76,7 @@ from .codec import MAX_PIXELS, compressed_to_rgb, encode_image_fields, encode_jp
 from .engine import BACKENDS, DEVICES
 
 ENCODINGS = ("rgb8", "bgr8", "jpeg")
-INFERENCE_MODES = ("whole", "coarse", "coarse_to_fine")
+INFERENCE_MODES = ("whole", "coarse", "coarse_to_fine", "slide")
 STAGES = ("decode", "preprocess", "inference", "postprocess", "encode")
 POOL_SIZE = 4  # distinct frames cycled through
 JPEG_QUALITY = 90
@@ -222,12 +223,14 @@ def bench_engine(segmenter: Any, messages: list[Any], encoding: str, frames: int
 
 
 # -- compute floor --------------------------------------------------------------------------------------
-def flops_per_frame(export: dict[str, Any], mode: str, windows_refined_mean: float | None) -> dict[str, Any] | None:
+def flops_per_frame(export: dict[str, Any], mode: str, windows_refined_mean: float | None,
+                    slide_windows: int | None = None) -> dict[str, Any] | None:
     """FLOPs one frame costs from the card's ``export.flops``; None when the card does not say.
 
     ``whole`` and ``coarse`` read their graph's figure (for a package of a fixed batch of N, the
     FLOPs of the whole batch: a single frame runs in a padded batch); ``coarse_to_fine`` is ``coarse``
-    plus the mean number of windows refined times ``refine_per_window``.
+    plus the mean number of windows refined times ``refine_per_window``; ``slide`` is the number of
+    windows of a frame (``slide_windows``) times ``window``, the graph's cost per window.
     """
     flops = export.get("flops")
     if not isinstance(flops, dict):
@@ -246,6 +249,11 @@ def flops_per_frame(export: dict[str, Any], mode: str, windows_refined_mean: flo
         if isinstance(flops.get("batch"), int) and flops["batch"] > 1:
             terms["batch"] = flops["batch"]  # one frame runs the whole fixed batch: it costs all of it
         return {"total": total, "terms": terms}
+    if mode == "slide":
+        window = value("window")
+        if window is None or not slide_windows:
+            return None
+        return {"total": window * slide_windows, "terms": {"window": window, "windows": slide_windows}}
     coarse, refine = value("coarse"), value("refine_per_window")
     if coarse is None or refine is None or windows_refined_mean is None:
         return None
@@ -340,7 +348,8 @@ def _peak_cuda(n: int, budget_s: float) -> dict[str, float]:
 def compute_floor(card: Any, mode: str, engine: dict[str, Any], device: str,
                   peak_given: float | None) -> dict[str, Any]:
     """FLOPs per frame, the device's peak and the floor they give, against the engine's inference median."""
-    flops = flops_per_frame(card.export, mode, engine["windows_refined_mean"])
+    windows = card.inference_params.get("windows") if mode == "slide" else None
+    flops = flops_per_frame(card.export, mode, engine["windows_refined_mean"], len(windows) if windows else None)
     precision = card.precision
     if peak_given is not None:
         peaks, source = {precision: peak_given}, "given"

@@ -140,6 +140,10 @@ def test_flops_per_frame():
     # A fixed batch of 4 runs whole for one frame: it costs the whole batch's FLOPs.
     assert bench.flops_per_frame({"flops": {"whole": 8.0, "batch": 4}}, "whole", None) == {
         "total": 8.0, "terms": {"whole": 8.0, "batch": 4}}
+    # Slide: every window of the card's grid runs the window graph once.
+    assert bench.flops_per_frame({"flops": {"window": 3.0}}, "slide", None, 18) == {
+        "total": 54.0, "terms": {"window": 3.0, "windows": 18}}
+    assert bench.flops_per_frame({"flops": {"window": 3.0}}, "slide", None, None) is None
 
 
 def test_measure_peak_gflops_cpu():
