@@ -186,6 +186,18 @@ def make_tiny_depthforge_weights(path: Path, seed: int = 0, config: dict | None 
     return save_tiny_model(path, config or TINY_DEPTHFORGE_CONFIG, seed, edit)
 
 
+def labelled_batch(size: int, seed: int = 0) -> tuple["object", "object"]:
+    """Two random normalised images (2, 3, size, size) and train-id labels with ignored rows and a large region."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, size, size, generator=g)
+    labels = torch.randint(0, 19, (2, size, size), generator=g)
+    labels[:, :6] = 255
+    labels[1, 30:] = 4
+    return images, labels
+
+
 def check_slide_runtime(package: Path, config: dict, backend: str, window_batch: int) -> None:
     """The runtime's slide labels and confidence on a smooth random frame equal the PyTorch reference's.
 

@@ -12,7 +12,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_DEPTHFORGE_CONFIG, TINY_REIN_CONFIG, check_slide_runtime, make_tiny_depthforge_weights
+from conftest import (TINY_DEPTHFORGE_CONFIG, TINY_REIN_CONFIG, check_slide_runtime, labelled_batch,
+                      make_tiny_depthforge_weights)
 from dgss_perception.card import load_card
 from dgss_perception.engine import Segmenter
 from onnxutil import op_types
@@ -176,12 +177,7 @@ def tiny_model(config: dict = TINY_DEPTHFORGE_CONFIG, seed: int = 0) -> tuple[De
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(2, 3, 64, 64, generator=g)
-    labels = torch.randint(0, 19, (2, 64, 64), generator=g)
-    labels[:, :6] = 255
-    labels[1, 30:] = 4
-    return images, labels
+    return labelled_batch(64, seed)
 
 
 @pytest.mark.parametrize("config", [TINY_DEPTHFORGE_CONFIG, TINY_REIN_CONFIG], ids=["depthforge", "rein"])

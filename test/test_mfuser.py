@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MFUSER_CONFIG, check_slide_runtime
+from conftest import TINY_MFUSER_CONFIG, check_slide_runtime, labelled_batch
 from dgss_perception.card import CardError, load_card
 from dgss_perception.engine import Segmenter
 from onnxutil import op_types
@@ -36,12 +36,7 @@ def tiny_model(seed: int = 0) -> tuple[MFuser, object]:
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(2, 3, 56, 56, generator=g)
-    labels = torch.randint(0, 19, (2, 56, 56), generator=g)
-    labels[:, :6] = 255
-    labels[1, 30:] = 4
-    return images, labels
+    return labelled_batch(56, seed)
 
 
 def test_forward_shapes_and_the_scores_are_the_last_set():

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from .backbones.vit import StateDict, checkpoint_filter_for, describe_mismatch
-from .checkpoint import load_state_dict_file
+from .checkpoint import load_released_checkpoint, strip_module_prefix, tensors_for_saving
 from .models.mfuser import MFuser
 from .models.text_encoder import rename_official_text_side
 
@@ -104,13 +104,6 @@ def official_name(key: str) -> str | None:
         if key.startswith(ours):
             return theirs + key[len(ours):]
     return None
-
-
-def _strip_module(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """Remove a ``module.`` prefix that a DistributedDataParallel save leaves on every key."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
 
 
 def check_official_mfuser(state: Mapping[str, torch.Tensor]) -> None:
@@ -244,7 +237,7 @@ def _official_hint(missing: list[str], limit: int = 8) -> str:
 def convert_official_mfuser_with_notes(state: Mapping[str, torch.Tensor],
                                        model: MFuser) -> tuple[StateDict, list[str]]:
     """:func:`convert_official_mfuser`, also returning lines that say what was dropped or filled in."""
-    state = _strip_module(state)
+    state = strip_module_prefix(state)
     check_official_mfuser(state)
     vlm_part, dino_part, rest, dropped = split_official(state)
     backbone = model.backbone
@@ -300,33 +293,9 @@ def convert_official_mfuser(state: Mapping[str, torch.Tensor], model: MFuser) ->
 
 
 def load_official_checkpoint(path: str | Path) -> StateDict:
-    """Read a released checkpoint safely (weights only) and unwrap mmcv's ``state_dict``.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: unreadable, or not a state dict of tensors (the message says what was expected).
-    """
-    try:
-        return load_state_dict_file(path)
-    except ValueError as exc:
-        raise ValueError(f"{exc}; expected an official MFuser checkpoint (mmcv 1.x: a dict with 'meta', "
-                         "'state_dict' and 'optimizer', or the state dict itself). A trusted file that only "
-                         "fails the weights-only check can be re-saved as its state dict alone, e.g. "
-                         "torch.save(torch.load(src, weights_only=False)['state_dict'], dst)") from exc
-
-
-def _for_saving(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """Contiguous tensors with no two sharing storage (safetensors refuses shared or strided tensors)."""
-    seen: set[int] = set()
-    out: StateDict = {}
-    for key, value in state.items():
-        value = value.detach().contiguous()
-        pointer = value.untyped_storage().data_ptr()
-        if pointer in seen:
-            value = value.clone()
-        seen.add(pointer)
-        out[key] = value
-    return out
+    """Read a released checkpoint safely (weights only) and unwrap its ``state_dict``."""
+    return load_released_checkpoint(path, "an official MFuser checkpoint (mmcv 1.x: a dict with 'meta', "
+                                          "'state_dict' and 'optimizer', or the state dict itself)")
 
 
 def convert_file(src: str | Path, config: str | Path, out: str | Path, overwrite: bool = False) -> list[str]:
@@ -368,7 +337,7 @@ def convert_file(src: str | Path, config: str | Path, out: str | Path, overwrite
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted run leaves no half-written weights.
     partial = out.with_name(out.name + ".partial")
-    save_file(_for_saving(converted), str(partial),
+    save_file(tensors_for_saving(converted), str(partial),
               metadata={"source": src.name, "layout": "dgss_perception mfuser", "config": cfg.name})
     os.replace(partial, out)
     return notes

@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 
 from .backbones.vit import StateDict, describe_mismatch
-from .checkpoint import load_state_dict_file
+from .checkpoint import load_released_checkpoint, strip_module_prefix, tensors_for_saving
 from .config import ModelConfig, TrainConfig
 
 FAMILIES = ("depthforge", "rein")
@@ -108,13 +108,6 @@ def _listing(keys: list[str], limit: int = 6) -> str:
     return ", ".join(sorted(keys)[:limit]) + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def _strip_module(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """Remove the ``module.`` prefix a DistributedDataParallel save leaves on every key."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
 def official_name(key: str, family: str = "rein") -> str | None:
     """The released checkpoint's name for one of this package's keys; None for the towers' keys."""
     if key.startswith("backbone.reins."):
@@ -132,7 +125,7 @@ def official_name(key: str, family: str = "rein") -> str | None:
 
 def checkpoint_family(state: Mapping[str, torch.Tensor]) -> str:
     """``depthforge`` for a file with DepthForge's tokens or DQCM, else ``rein``."""
-    state = _strip_module(state)
+    state = strip_module_prefix(state)
     if any(k.startswith(("backbone.depthforge.", "decode_head.DQCM.")) for k in state):
         return "depthforge"
     return "rein"
@@ -152,7 +145,7 @@ def check_rein_layout(state: Mapping[str, torch.Tensor]) -> None:
     full-rank tokens, a plain Mask2Former head (learned queries, no ``querys2feat``), and input projections
     between the pixel decoder and the transformer decoder.
     """
-    state = _strip_module(state)
+    state = strip_module_prefix(state)
     ours = [k for k in state if k.startswith(OWN_PREFIXES)]
     if ours:
         raise ValueError(f"not a released checkpoint: it already uses this package's names ({_listing(ours, 3)}); "
@@ -207,7 +200,7 @@ def convert_rein_state(state: Mapping[str, torch.Tensor],
         ValueError: not a Rein / DepthForge checkpoint, or one this model cannot hold (see
             :func:`check_rein_layout`).
     """
-    state = _strip_module(state)
+    state = strip_module_prefix(state)
     check_rein_layout(state)
     out: StateDict = {}
     dropped: dict[str, list[str]] = {}
@@ -339,33 +332,9 @@ def tower_state(cfg: TrainConfig | ModelConfig, skip: tuple[str, ...] = ()) -> t
 
 
 def load_official_checkpoint(path: str | Path) -> StateDict:
-    """Read a released checkpoint safely (weights only) and unwrap mmengine's ``state_dict``.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: unreadable, or not a state dict of tensors (the message says what was expected).
-    """
-    try:
-        return load_state_dict_file(path)
-    except ValueError as exc:
-        raise ValueError(f"{exc}; expected a released Rein or DepthForge checkpoint (mmengine: a dict with 'meta' "
-                         "and 'state_dict', or the state dict itself). A trusted file that only fails the "
-                         "weights-only check can be re-saved as its state dict alone, e.g. "
-                         "torch.save(torch.load(src, weights_only=False)['state_dict'], dst)") from exc
-
-
-def _for_saving(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """Contiguous tensors with no two sharing storage (safetensors refuses shared or strided tensors)."""
-    seen: set[int] = set()
-    out: StateDict = {}
-    for key, value in state.items():
-        value = value.detach().contiguous()
-        pointer = value.untyped_storage().data_ptr()
-        if pointer in seen:
-            value = value.clone()
-        seen.add(pointer)
-        out[key] = value
-    return out
+    """Read a released checkpoint safely (weights only) and unwrap its ``state_dict``."""
+    return load_released_checkpoint(path, "a released Rein or DepthForge checkpoint"
+                                          " (mmengine: a dict with 'meta' and 'state_dict', or the state dict itself)")
 
 
 def convert_file(src: str | Path, config: str | Path, out: str | Path, overwrite: bool = False,
@@ -402,7 +371,7 @@ def convert_file(src: str | Path, config: str | Path, out: str | Path, overwrite
     family = checkpoint_family(state)
     if family != cfg.model.family:
         raise ValueError(f"{src} is a {'DepthForge' if family == 'depthforge' else 'Rein'} checkpoint "
-                         f"({_family_evidence(_strip_module(state))}) but {config} builds model.family "
+                         f"({_family_evidence(strip_module_prefix(state))}) but {config} builds model.family "
                          f"{cfg.model.family}; use a {family} config (e.g. {EXAMPLE_CONFIGS[family]})")
     check_against(cfg, converted, family)
     if heads_only:
@@ -421,7 +390,7 @@ def convert_file(src: str | Path, config: str | Path, out: str | Path, overwrite
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted run leaves no half-written weights.
     partial = out.with_name(out.name + ".partial")
-    save_file(_for_saving(converted), str(partial),
+    save_file(tensors_for_saving(converted), str(partial),
               metadata={"source": src.name, "layout": f"dgss_perception {cfg.model.family}", "config": cfg.name,
                         "contents": "trained parts only" if heads_only else "complete"})
     os.replace(partial, out)
