@@ -2,16 +2,38 @@
 
     python -m training.bench_models --list
     python -m training.bench_models --preset vfmnet_vitl16_512x1024 --out models/bench/vfmnet_vitl16_512x1024
+    python -m training.bench_models --preset depthforge_vitl16_slide_1024x2048 \
+        --out models/bench/depthforge_vitl16_slide_1024x2048
     python -m training.bench_models --preset tiny --out /tmp/bench_tiny --override embed_dim=64 depth=4
+    python -m training.bench_models --preset rein_vitl16_slide_1024x2048 --out /tmp/bench_rein \
+        --override embed_dim=64 depth=4 num_heads=2 --height 512 --width 1024
 
-A preset is a model config (the paper's head, MGRNet and inference settings with the chosen
-backbone) and a graph input size. The model is built with timm's random initialisation and
-no LoRA (its classifiers scaled so that the labels are not all ties, see :func:`spread_logits`),
-its weights written to a temporary file, and the package made by
-:func:`training.export.export_package`, parity check included: it has the form of a trained
-package, so the runtime and its benchmarks treat it as one. The card says what it is
-(``benchmark: true``, ``export.weights`` "random (benchmark)"): its labels mean nothing;
-its speed and memory are those of the trained model.
+A preset is a model config and a graph input size: VFMNet (the paper's head, MGRNet and
+inference settings with the chosen backbone) exported whole or coarse-to-fine, or one of the
+slide families (DepthForge, its Rein baseline, MFuser) from its official config, exported as
+one graph on 512-pixel windows of a working frame. The model is built with random
+initialisation and no LoRA (scaled so that its labels are not all ties, see
+:func:`spread_logits` and :func:`sharpen_mask_classification`), its weights written to a
+temporary file, and the package made by :func:`training.export.export_package`, parity check
+included: it has the form of a trained package, so the runtime and its benchmarks treat it as
+one. The card says what it is (``benchmark: true``, ``export.weights`` "random (benchmark)"):
+its labels mean nothing; its speed and memory are those of the trained model.
+
+``--override KEY=VALUE`` passes timm constructor kwargs to every ViT tower of the model, so
+that one set shrinks a real architecture consistently:
+
+- VFMNet: the backbone (the head's input width follows it).
+- DepthForge: the visual tower and the depth tower, which run in lockstep and must agree in
+  width, depth and grid; the tokens follow the width, the Mask2Former head keeps its official
+  widths (256). Rein: the visual tower.
+- MFuser: the DINOv2 and the EVA02 towers (the fusers follow their width). The joint
+  image-text space (``mfuser.vlm.embed_dim``, 768) and the text tower keep their official
+  sizes: the text tower's output is a constant in the graph, so it costs build time and
+  memory but no FLOPs.
+
+The slide families tap four blocks: ``depth`` must stay at least 4. ``--height/--width`` set the
+working frame of a slide preset (at least one window each way); its window stays 512, the
+size the towers are built at.
 """
 
 from __future__ import annotations
@@ -30,19 +52,32 @@ import torch
 import yaml
 from torch import nn
 
-from .build import build_vfmnet
+from .build import build_model
 from .config import TrainConfig, config_from_dict, config_to_dict, load_config
-from .export import (ParityError, coarse_to_fine_flops, export_package, format_flops, human_flops, parse_formats,
-                     print_parity, whole_flops)
-from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph
+from .export import (SLIDE_FAMILIES, ParityError, coarse_to_fine_flops, count_flops, export_package, format_flops,
+                     human_flops, parse_formats, print_parity, whole_flops)
+from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph, WindowGraph, with_constants
 from .inference import window_grid
 from .models.vfmnet import VFMNet
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
 # The paper's model (DINOv2-L/16 VFMNet + MGRNet) and coarse-to-fine inference settings.
-PAPER_CONFIG = Path(__file__).resolve().parent / "configs" / "vfmseg_gta2cbm_dinov2l.yaml"
+PAPER_CONFIG = CONFIGS / "vfmseg_gta2cbm_dinov2l.yaml"
 PRECISIONS = ("fp32",)
 # Standard deviation over classes of a benchmark model's logits (see spread_logits).
 LOGIT_SPREAD = 2.0
+# Random mask-classification heads (see sharpen_mask_classification). The class, token and context factors
+# are those of the tiny test models; their ×40 on the masks is for a 32-wide head on 16² maps, and on the
+# official 256-wide head at 128² it makes masked attention chaotic (see the docstring).
+MASK_SHARPEN = 4.0
+CLASS_SHARPEN = 10.0
+TOKEN_SCALE = 0.5
+CONTEXT_SHRINK = 0.02
+# Default parity tolerance: VFMNet's export default, and the mask-classification families' (see export_bench).
+ATOL = 1e-4
+MASK_ATOL = 5e-3
+# The blocks the slide families tap (four maps for their pixel decoders).
+SLIDE_TAPS = 4
 
 
 @dataclass(frozen=True)
@@ -52,9 +87,10 @@ class Preset:
     Attributes:
         name: the preset's key in :data:`PRESETS`.
         description: one line for ``--list``.
-        mode: ``whole`` or ``coarse_to_fine`` (the export mode).
-        size: graph input (H, W): the network size for ``whole``, the working frame for ``coarse_to_fine``.
-        arch: the backbone's (embed_dim, depth, num_heads, patch_size).
+        mode: ``whole``, ``coarse_to_fine`` or ``slide`` (the export mode).
+        size: graph input (H, W): the network size for ``whole``, the working frame for ``coarse_to_fine``
+            and ``slide``.
+        arch: the (visual) backbone's (embed_dim, depth, num_heads, patch_size).
         config: training config data (:class:`TrainConfig` fields) the model is built from.
     """
 
@@ -123,6 +159,34 @@ def _tiny_c2f() -> Preset:
                   (32, 2, 2, 14), {"name": "tiny_c2f", "model": model, "inference": inference})
 
 
+def _random_towers(model: dict[str, Any]) -> None:
+    """Every tower of an official config's model section randomly initialised, with catalog taps and no LoRA."""
+    # Taps from the catalog ([7, 11, 15, 23] at depth 24) so that a depth override still builds.
+    model["backbone"].update(weights="", out_indices=None, lora=None)
+    depth = (model.get("depthforge") or {}).get("depth")
+    if depth:
+        depth["weights"] = ""
+    if model.get("mfuser"):
+        model["mfuser"]["vlm"]["weights"] = ""
+        model["mfuser"]["text"]["weights"] = ""
+
+
+def _slide(name: str, config: str, size: tuple[int, int], arch: tuple[int, int, int, int],
+           what: str) -> Callable[[], Preset]:
+    """Factory of a slide preset: an official config's model on its windows of a ``size`` working frame."""
+    def make() -> Preset:
+        data = config_to_dict(load_config(CONFIGS / config))
+        model = data["model"]
+        _random_towers(model)
+        # The frame is the package's input, stretched to it by the runtime (no aspect-preserving fit).
+        inference = dict(data["inference"], test_size=list(size), keep_ratio=False)
+        window, stride = inference["window"], inference["stride"]
+        count = len(window_grid(size[0], size[1], window, stride))
+        return Preset(name, f"{what}, windows {window}/{stride} on {size[0]}x{size[1]} ({count})", "slide", size,
+                      arch, {"name": name, "model": model, "inference": inference})
+    return make
+
+
 # DINOv2 at patch 16 (the 512-crop setting; S and B built like the catalog's dinov2_l16) at 512×1024,
 # and at its native patch 14 at 518×1036 (37×74 tokens, the nearest multiple of 14).
 PRESETS: dict[str, Callable[[], Preset]] = {
@@ -139,6 +203,20 @@ PRESETS: dict[str, Callable[[], Preset]] = {
     "vfmnet_vitl14_518x1036": _whole("vfmnet_vitl14_518x1036", "dinov2_l14", {}, (1024, 24, 16, 14), (518, 1036),
                                      "DINOv2-L/14"),
     "vfmseg_vitl16_c2f_1024x2048": _vfmseg_paper,
+    # The slide families as released, on the 1024×2048 frame of the VFMSeg paper (18 windows) and, for
+    # DepthForge, also on its official 512×1024 test frame (3 windows).
+    "depthforge_vitl16_slide_1024x2048": _slide(
+        "depthforge_vitl16_slide_1024x2048", "depthforge_gta2cbm_dinov2l.yaml", (1024, 2048), (1024, 24, 16, 16),
+        "DepthForge DINOv2-L/16 + Depth Anything V2-L/16, Rein tokens, DQCM, Mask2Former"),
+    "depthforge_vitl16_slide_512x1024": _slide(
+        "depthforge_vitl16_slide_512x1024", "depthforge_gta2cbm_dinov2l.yaml", (512, 1024), (1024, 24, 16, 16),
+        "DepthForge DINOv2-L/16 + Depth Anything V2-L/16 (the official test size)"),
+    "rein_vitl16_slide_1024x2048": _slide(
+        "rein_vitl16_slide_1024x2048", "rein_gta2cbm_dinov2l.yaml", (1024, 2048), (1024, 24, 16, 16),
+        "Rein DINOv2-L/16, tokens, Mask2Former"),
+    "mfuser_eva02l_slide_1024x2048": _slide(
+        "mfuser_eva02l_slide_1024x2048", "mfuser_gta2cbm_eva02l.yaml", (1024, 2048), (1024, 24, 16, 14),
+        "MFuser DINOv2-L/14 + EVA02-CLIP-L/14, MVFusers, text queries"),
     "tiny": _tiny,
     "tiny_c2f": _tiny_c2f,
 }
@@ -151,31 +229,72 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]()
 
 
+def _towers(model: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ViT towers of a model section: the backbone, DepthForge's depth tower, MFuser's VLM vision tower."""
+    towers = [model["backbone"]]
+    depth = (model.get("depthforge") or {}).get("depth")
+    if depth:
+        towers.append(depth)
+    if model.get("mfuser"):
+        towers.append(model["mfuser"]["vlm"])
+    return towers
+
+
 def bench_config(preset: Preset, overrides: dict[str, Any] | None = None,
                  size: tuple[int, int] | None = None) -> tuple[TrainConfig, tuple[int, int]]:
-    """The preset's training config and graph input size, with backbone overrides and another size applied.
+    """The preset's training config and graph input size, with tower overrides and another size applied.
 
     Args:
-        overrides: timm constructor kwargs for the backbone (e.g. ``{"depth": 2}``), on top of the preset's.
-        size: graph input (H, W); for ``whole`` the network is built at that size.
+        overrides: timm constructor kwargs (e.g. ``{"depth": 4}``) for every ViT tower of the model
+            (see the module docstring), on top of the preset's.
+        size: graph input (H, W); for ``whole`` the network is built at that size, for ``slide`` it is
+            the working frame (the window stays).
+
+    Raises:
+        ValueError: a slide family shrunk below the four blocks it taps, or a frame smaller than its window.
     """
     data = copy.deepcopy(preset.config)
-    data["model"]["backbone"].setdefault("overrides", {}).update(overrides or {})
+    model = data["model"]
+    overrides = dict(overrides or {})
+    if model["family"] in SLIDE_FAMILIES and int(overrides.get("depth", SLIDE_TAPS)) < SLIDE_TAPS:
+        raise ValueError(f"{model['family']} taps {SLIDE_TAPS} blocks: depth must be at least {SLIDE_TAPS}, "
+                         f"got {overrides['depth']}")
+    for tower in _towers(model):
+        tower["overrides"] = {**(tower.get("overrides") or {}), **overrides}
     size = (int(size[0]), int(size[1])) if size else preset.size
     if preset.mode == "whole":
-        data["model"]["img_size"] = list(size)
+        model["img_size"] = list(size)
+    elif preset.mode == "slide":
+        data["inference"]["test_size"] = list(size)
+        window_grid(size[0], size[1], data["inference"]["window"], data["inference"]["stride"])  # before any build
     return config_from_dict(data), size
 
 
-def meta_model(cfg: TrainConfig, size: tuple[int, int]) -> VFMNet:
-    """The configured model at ``size`` on the meta device: its structure without memory or weights."""
+def meta_model(cfg: TrainConfig, size: tuple[int, int] | None = None) -> nn.Module:
+    """The configured model on the meta device: its structure without memory or weights.
+
+    Args:
+        size: the network input (H, W); default: the window for the slide families (the only input
+            their graphs run them at), ``cfg.model.img_size`` otherwise.
+    """
+    if size is None:
+        slide = cfg.model.family in SLIDE_FAMILIES
+        size = (cfg.inference.window, cfg.inference.window) if slide else tuple(cfg.model.img_size)
     with torch.device("meta"):
-        return build_vfmnet(cfg.model, img_size=size, with_lora=False, load_weights=False).eval()
+        return build_model(cfg.model, img_size=size, with_lora=False, load_weights=False).eval()
 
 
 def meta_flops(cfg: TrainConfig, mode: str, size: tuple[int, int]) -> dict[str, int]:
     """The ``export.flops`` a package of this config would carry, counted on the meta device."""
     mean, std = cfg.model.mean, cfg.model.std
+    if mode == "slide":
+        # As the slide export: one window through the graph with the image-independent parts constant
+        # (no gradients, or the FLOP counter trips over parameters passed between modules).
+        window = cfg.inference.window
+        model = with_constants(meta_model(cfg, (window, window))).requires_grad_(False)
+        graph = WindowGraph(model, mean, std).eval()
+        return {"window": count_flops(graph, (torch.zeros((1, window, window, 3), dtype=torch.uint8,
+                                                          device="meta"),))}
     image = torch.zeros((1, *size, 3), dtype=torch.uint8, device="meta")
     if mode == "whole":
         return whole_flops(SegmentationGraph(meta_model(cfg, size), mean, std).eval(), image)
@@ -221,13 +340,48 @@ def _scale_classifier(classifier: nn.Conv2d, logits: torch.Tensor, spread: float
         classifier.bias.mul_(spread / std)
 
 
+def sharpen_mask_classification(model: nn.Module) -> None:
+    """Make a random DepthForge, Rein or MFuser decide: what keeps its parity check meaningful.
+
+    At random initialisation every query of a Mask2Former-style head predicts a soft mask (sigmoid
+    near 0.5) and near-equal class probabilities, so the scores barely vary over pixels and classes
+    and a relative tolerance on them checks little. Scaling the class embedding (×10) gives each
+    query a class of its own and the mask embedding's last layer (×4, mask logits' std ≈ 3) firm
+    regions. The tiny test models scale the masks ×40; on the official head (256 wide, masks of 128²
+    and more) that puts the scores at the mercy of masked attention, whose keys are cut where a mask
+    logit is below 0: a logit within rounding of 0 flips a key, and amplified ×40 such flips moved
+    the scores by up to 9e-3 of their maximum between float32 and float64 runs, failing parity on
+    most frames.
+    The official starts of Rein's token scale (1e-3) and of MFuser's fuser scales leave the tokens and
+    the fusion almost without effect, so they are set to 0.5: the scores then depend on them. MFuser's
+    N(0, 1) prompt context drowns the class names at random initialisation, so it is scaled by 0.02.
+    Only weights change: the graph and its cost are those of the official model.
+    """
+    state = model.state_dict()  # tensors sharing the parameters' storage: edited in place
+    with torch.no_grad():
+        state["decode_head.decoder.mask_embed.4.weight"].mul_(MASK_SHARPEN)
+        state["decode_head.decoder.cls_embed.weight"].mul_(CLASS_SHARPEN)
+        for key, value in state.items():
+            fuser = key.startswith("backbone.fusers.") and key.endswith(".scale")
+            if key == "backbone.reins.scale" or fuser:
+                value.fill_(TOKEN_SCALE)
+        if "text_encoder.contexts" in state:
+            state["text_encoder.contexts"].mul_(CONTEXT_SHRINK)
+
+
 def random_weights(cfg: TrainConfig, path: Path, seed: int = 0) -> int:
-    """Write a randomly initialised model of ``cfg`` to ``path`` (safetensors); returns its parameter count."""
+    """Write a randomly initialised model of ``cfg`` to ``path`` (safetensors); returns its parameter count.
+
+    VFMNet gets :func:`spread_logits`, the mask-classification families :func:`sharpen_mask_classification`.
+    """
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    model = build_vfmnet(cfg.model, with_lora=False, load_weights=False)
-    spread_logits(model, tuple(cfg.model.img_size))
+    model = build_model(cfg.model, with_lora=False, load_weights=False)
+    if isinstance(model, VFMNet):
+        spread_logits(model, tuple(cfg.model.img_size))
+    else:
+        sharpen_mask_classification(model)
     count = parameter_count(model)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return count
@@ -235,8 +389,14 @@ def random_weights(cfg: TrainConfig, path: Path, seed: int = 0) -> int:
 
 def export_bench(preset: Preset, out: Path, size: tuple[int, int] | None = None,
                  overrides: dict[str, Any] | None = None, formats: tuple[str, ...] = ("onnx", "torchscript"),
-                 atol: float = 1e-4, overwrite: bool = False, seed: int = 0, precision: str = "fp32") -> dict:
+                 atol: float | None = None, overwrite: bool = False, seed: int = 0, precision: str = "fp32") -> dict:
     """Export ``preset`` with random weights to ``out``; returns the card (ParityError as export_package).
+
+    ``atol`` defaults to :data:`ATOL` for VFMNet and :data:`MASK_ATOL` for the mask-classification
+    families: however sharpened, a random Mask2Former head has many mask logits near 0 (trained
+    masks sit far from it), and the keys masked attention flips there between ONNX Runtime and
+    eager PyTorch moved the scores of a shrunk DepthForge by up to 1e-3 of their maximum (the worst
+    of 144 windows; most stay below 1e-4). An export error moves them by far more.
 
     Raises:
         ValueError: an unsupported precision, or a size the preset's mode refuses.
@@ -247,6 +407,8 @@ def export_bench(preset: Preset, out: Path, size: tuple[int, int] | None = None,
     with tempfile.TemporaryDirectory(prefix="bench_weights_") as tmp:
         weights = Path(tmp) / "weights.safetensors"
         random_weights(cfg, weights, seed)
+        if atol is None:
+            atol = ATOL if cfg.model.family == "vfmnet_mgrnet" else MASK_ATOL
         return export_package(cfg, weights, out, size=size, formats=formats, atol=atol, overwrite=overwrite,
                               name=f"bench_{preset.name}", mode=preset.mode, benchmark=True)
 
@@ -263,12 +425,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def describe_flops(flops: dict[str, int], windows: int | None = None) -> str:
-    """FLOPs per graph, and for coarse-to-fine the frame's range from no window refined to all of them."""
+    """FLOPs per graph; with the frame's ``windows``, a frame's FLOPs.
+
+    Coarse-to-fine: the range from no window refined to all of them; slide: windows × window.
+    """
     text = format_flops(flops)
-    if windows:
+    if windows and "refine_per_window" in flops:
         low, per = flops["coarse"], flops["refine_per_window"]
         text += (f"; a frame: {human_flops(low)} (no window refined) to {human_flops(low + windows * per)} "
                  f"(all {windows})")
+    elif windows and "window" in flops:
+        text += f"; a frame: {windows} windows, {human_flops(windows * flops['window'])}"
     return text
 
 
@@ -279,11 +446,13 @@ def list_presets() -> list[str]:
         preset = get_preset(name)
         cfg, size = bench_config(preset)
         d, depth, heads, patch = preset.arch
-        build_size = size if preset.mode == "whole" else tuple(cfg.model.img_size)
-        params = parameter_count(meta_model(cfg, build_size)) / 1e6
+        # The size the graphs run the model at: the network size, the coarse-to-fine window, the slide window.
+        params = parameter_count(meta_model(cfg, size if preset.mode == "whole" else None)) / 1e6
         windows = None
         if preset.mode == "coarse_to_fine":
             windows = len(window_grid(size[0], size[1], cfg.model.refine.window, cfg.inference.stride))
+        elif preset.mode == "slide":
+            windows = len(window_grid(size[0], size[1], cfg.inference.window, cfg.inference.stride))
         lines.append(f"{name}: {preset.mode} {size[0]}x{size[1]}, ViT d={d} depth={depth} heads={heads} "
                      f"patch={patch}, {params:.1f} M params — {preset.description}\n    "
                      + describe_flops(meta_flops(cfg, preset.mode, size), windows))
@@ -300,13 +469,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the presets with their sizes and FLOPs")
     parser.add_argument("--preset", help="preset to export (see --list)")
     parser.add_argument("--out", help="model package directory to write")
-    parser.add_argument("--height", type=int, help="graph input height: network size (whole) or frame (c2f)")
+    parser.add_argument("--height", type=int,
+                        help="graph input height: network size (whole) or working frame (coarse_to_fine, slide)")
     parser.add_argument("--width", type=int, help="graph input width (see --height)")
     parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="timm backbone kwargs, e.g. embed_dim=64 depth=4 num_heads=2")
+                        help="timm kwargs for every ViT tower of the model, e.g. embed_dim=64 depth=4 num_heads=2")
     parser.add_argument("--formats", default="onnx,torchscript", help="comma list of onnx, torchscript")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance")
+    parser.add_argument("--atol", type=float,
+                        help=f"parity tolerance (default {ATOL:g}; {MASK_ATOL:g} for DepthForge, Rein and MFuser)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
