@@ -522,6 +522,12 @@ def _run(node_class: type, args: list[str] | None) -> int:
         code = 2
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # A SIGINT/SIGTERM shuts the context down from rclpy's signal handler; if that lands while the
+        # executor builds its next wait set, rclpy raises an RCLError ("context is not valid") instead of
+        # ExternalShutdownException. That is still the requested clean stop; anything else is a failure.
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             node.destroy_node()
