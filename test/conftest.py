@@ -198,6 +198,33 @@ def labelled_batch(size: int, seed: int = 0) -> tuple["object", "object"]:
     return images, labels
 
 
+def loss_before_and_after_steps(model: "object", cfg: "object", images: "object", labels: "object",
+                                steps: int = 6, lr: float = 2e-3) -> tuple[float, float]:
+    """The training loss before and after ``steps`` AdamW steps on one batch (trainable parameters only).
+
+    Both measurements draw the same random numbers (sample points, matching points, dropout), so they differ
+    only by what the steps changed.
+    """
+    import torch
+
+    from training.objectives import compute_loss
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def loss_now() -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(compute_loss(model, images, labels, cfg)[0])
+
+    before = loss_now()
+    for step in range(steps):
+        opt.zero_grad()
+        torch.manual_seed(step)
+        compute_loss(model, images, labels, cfg)[0].backward()
+        opt.step()
+    return before, loss_now()
+
+
 def check_slide_runtime(package: Path, config: dict, backend: str, window_batch: int) -> None:
     """The runtime's slide labels and confidence on a smooth random frame equal the PyTorch reference's.
 

@@ -26,3 +26,26 @@ def op_types(model: Any) -> set[str]:
     for function in model.functions:
         ops |= _graph_op_types(function)
     return ops
+
+
+def export_and_run(module: Any, args: tuple, input_names: list[str], output_names: list[str],
+                   feeds: list[Any]) -> tuple[Any, list[Any]]:
+    """Export ``module`` on ``args`` with the dynamo exporter (opset 18), check the model, run it in ONNX Runtime.
+
+    ``feeds`` are the tensors bound to ``input_names`` (flattened the way the exporter flattens ``args``).
+    Returns the ONNX model and ONNX Runtime's outputs (numpy arrays).
+    """
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=18, input_names=input_names,
+                                    output_names=output_names)
+    model = program.model_proto
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return model, session.run(None, {name: t.numpy() for name, t in zip(input_names, feeds)})

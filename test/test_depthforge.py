@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (TINY_DEPTHFORGE_CONFIG, TINY_REIN_CONFIG, check_slide_runtime, labelled_batch,
-                      make_tiny_depthforge_weights)
+                      loss_before_and_after_steps, make_tiny_depthforge_weights)
 from dgss_perception.card import load_card
 from dgss_perception.engine import Segmenter
 from onnxutil import op_types
@@ -224,22 +224,9 @@ def test_gradients_reach_exactly_the_tokens_the_correction_and_the_head(config):
 
 def test_optimizer_steps_lower_the_loss():
     model, cfg = tiny_model(seed=1)
-    images, labels = batch(1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     towers = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-
-    def loss_now() -> float:
-        torch.manual_seed(0)  # the same matching and sample points for both measurements
-        with torch.no_grad():
-            return float(compute_loss(model, images, labels, cfg)[0])
-
-    before = loss_now()
-    for step in range(6):
-        opt.zero_grad()
-        torch.manual_seed(step)
-        compute_loss(model, images, labels, cfg)[0].backward()
-        opt.step()
-    assert loss_now() < 0.9 * before
+    before, after = loss_before_and_after_steps(model, cfg, *batch(1))
+    assert after < 0.9 * before
     assert all(torch.equal(p, towers[n]) for n, p in model.named_parameters() if n in towers)
 
 

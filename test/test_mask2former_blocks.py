@@ -14,14 +14,13 @@ Tolerances, as max|got − ref| ≤ tol · max|ref|:
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onnxutil import op_types
+from onnxutil import export_and_run, op_types
 from training.models.mask_decoder import (FULL_SIZE_PARAMS, STANDARD_FULL_SIZE_PARAMS as DECODER_PARAMS,
                                           MaskedQueryDecoder, TextQueryDecoder, attention_mask, segmentation_scores)
 from training.models.pixel_decoder import (STANDARD_FULL_SIZE_PARAMS as PIXEL_DECODER_PARAMS, DeformPixelDecoder,
@@ -186,22 +185,15 @@ def test_post_norm_adds_exactly_the_final_layer_norm() -> None:
 
 
 def test_standard_pixel_decoder_onnx_export_matches_eager() -> None:
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     decoder = _standard_pixel_decoder(seed=10).eval()
     _perturb(decoder)
     feats = _pixel_inputs(batch=1, seed=11)
     names = ["f0", "f1", "f2", "f3"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(decoder, (feats,), dynamo=True, opset_version=18, input_names=names,
-                                    output_names=["mask_features", "level0", "level1", "level2"])
-    model = program.model_proto
-    onnx.checker.check_model(model)
+    model, got = export_and_run(decoder, (feats,), names, ["mask_features", "level0", "level1", "level2"], feats)
     ops = op_types(model)
     assert "GridSample" in ops and not ops & {"Loop", "Scan"}, sorted(ops)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {name: t.numpy() for name, t in zip(names, feats)})
     with torch.no_grad():
         mask_features, multi_scale = decoder(feats)
     for out, ref in zip(got, [mask_features] + multi_scale):
@@ -330,8 +322,8 @@ class _ConstantQueries(nn.Module):
 
 
 def test_masked_query_decoder_onnx_export_matches_eager() -> None:
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     decoder = _query_decoder(seed=20).eval()
     levels, features, query, query_pos = _decoder_inputs(batch=1, seed=21)
     graph = _ConstantQueries(decoder, query, query_pos).eval()
@@ -343,14 +335,7 @@ def test_masked_query_decoder_onnx_export_matches_eager() -> None:
         blocked = attention_mask(first, (LEVELS[0], LEVELS[0]), HEADS)
         eager = graph(*args)
     assert 0 < blocked.float().mean() < 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph, args, dynamo=True, opset_version=18, input_names=names,
-                                    output_names=["scores"])
-    model = program.model_proto
-    onnx.checker.check_model(model)
+    model, (got,) = export_and_run(graph, args, names, ["scores"], list(args))
     assert not op_types(model) & {"Loop", "If", "Scan"}
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {name: a.numpy() for name, a in zip(names, args)})
     assert got.shape == (1, CLASSES, MASK_SIZE, MASK_SIZE)
     assert _rel_err(torch.from_numpy(got), eager) < 1e-4

@@ -11,14 +11,13 @@ Tolerances, as max|got − ref| ≤ tol · max|ref|:
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onnxutil import op_types
+from onnxutil import export_and_run, op_types
 from training.mask_losses import (dice_loss, identity_targets, mask_classification_loss, pixel_text_alignment_loss,
                                   point_sample, uncertain_point_coords)
 from training.models.mask_decoder import FULL_SIZE_PARAMS, TextQueryDecoder, attention_mask, segmentation_scores
@@ -221,8 +220,8 @@ class _LastScores(nn.Module):
 
 
 def test_onnx_export_matches_eager() -> None:
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     torch.manual_seed(4)
     graph = _LastScores(_decoder()).eval()
     levels, features, text = _inputs(batch=1)
@@ -234,15 +233,8 @@ def test_onnx_export_matches_eager() -> None:
         blocked = attention_mask(first, (LEVELS[0], LEVELS[0]), HEADS)
         eager = graph(*args)
     assert 0 < blocked.float().mean() < 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph, args, dynamo=True, opset_version=18, input_names=names,
-                                    output_names=["scores"])
-    model = program.model_proto
-    onnx.checker.check_model(model)
+    model, (got,) = export_and_run(graph, args, names, ["scores"], list(args))
     assert not op_types(model) & {"Loop", "If", "Scan"}
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {name: a.numpy() for name, a in zip(names, args)})
     assert got.shape == (1, QUERIES, MASK_SIZE, MASK_SIZE)
     assert _rel_err(torch.from_numpy(got), eager) < 1e-4
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MFUSER_CONFIG, check_slide_runtime, labelled_batch
+from conftest import TINY_MFUSER_CONFIG, check_slide_runtime, labelled_batch, loss_before_and_after_steps
 from dgss_perception.card import CardError, load_card
 from dgss_perception.engine import Segmenter
 from onnxutil import op_types
@@ -77,21 +77,8 @@ def test_gradients_reach_exactly_the_trainable_modules():
 
 def test_optimizer_steps_lower_the_loss():
     model, cfg = tiny_model(seed=1)
-    images, labels = batch(1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-
-    def loss_now() -> float:
-        torch.manual_seed(0)  # the same sample points and dropout masks for both measurements
-        with torch.no_grad():
-            return float(compute_loss(model, images, labels, cfg)[0])
-
-    before = loss_now()
-    for step in range(6):
-        opt.zero_grad()
-        torch.manual_seed(step)
-        compute_loss(model, images, labels, cfg)[0].backward()
-        opt.step()
-    assert loss_now() < 0.9 * before
+    before, after = loss_before_and_after_steps(model, cfg, *batch(1))
+    assert after < 0.9 * before
 
 
 def test_paper_size_parameter_counts():

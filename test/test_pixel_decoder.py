@@ -9,13 +9,12 @@ Tolerances, as max|got − ref| ≤ tol · max|ref|:
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from onnxutil import op_types
+from onnxutil import export_and_run, op_types
 from training.models.ms_deform_attn import MSDeformAttn, ms_deform_attn_reference, ms_deform_attn_sample
 from training.models.pixel_decoder import TextPixelDecoder
 from training.models.position_encoding import SinePositionEncoding, sine_position_encoding
@@ -374,26 +373,19 @@ def test_text_steers_the_output_per_sample() -> None:
 
 
 def test_onnx_export_matches_eager_with_standard_ops() -> None:
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     decoder = _tiny_decoder(seed=9).eval()
     feats, text = _inputs(batch=1, seed=10)
     names = ["f0", "f1", "f2", "f3", "text"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(decoder, (feats, text), dynamo=True, opset_version=18, input_names=names,
-                                    output_names=["mask_features", "level0", "level1", "level2"])
-    model = program.model_proto
-    onnx.checker.check_model(model)
+    model, got = export_and_run(decoder, (feats, text), names, ["mask_features", "level0", "level1", "level2"],
+                                feats + [text])
     ops = op_types(model)
     assert "GridSample" in ops, sorted(ops)
     assert not ops & {"Loop", "Scan"}, sorted(ops)
     inlined = pytest.importorskip("onnx.inliner").inline_local_functions(model)
     domains = {node.domain for node in inlined.graph.node}
     assert domains <= {"", "ai.onnx"}, domains
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feed = {name: t.numpy() for name, t in zip(names, feats + [text])}
-    got = session.run(None, feed)
     with torch.no_grad():
         mask_features, multi_scale = decoder(feats, text)
     for out, ref in zip(got, [mask_features] + multi_scale):
