@@ -87,7 +87,20 @@ class MaskLossConfig:
 
 
 @dataclass
-class MFuserConfig(MaskLossConfig):
+class MaskFormerConfig(MaskLossConfig):
+    """Sizes of a Mask2Former head (deformable-attention pixel decoder, masked transformer decoder)."""
+
+    conv_dim: int = 256  # pixel decoder and query width
+    mask_dim: int = 256
+    pixel_decoder_layers: int = 6
+    decoder_layers: int = 9
+    heads: int = 8
+    points: int = 4  # deformable sampling points per head and level
+    ffn_dim: int = 2048  # the transformer decoder's FFN (MFuser's pixel decoder uses it too)
+
+
+@dataclass
+class MFuserConfig(MaskFormerConfig):
     """MFuser's parts beyond the DINOv2 backbone (``model.backbone``): sizes of the official model."""
 
     vlm: VisionConfig = field(default_factory=VisionConfig)
@@ -109,16 +122,8 @@ class MFuserConfig(MaskLossConfig):
     # None: as the released code, which fills γ with 1e-4 and then overwrites it with trunc_normal(std 1);
     # a number fills γ with it (1e-4 for the near-identity start the fill intended).
     gamma_init: float | None = None
-    # tqdm's text-query Mask2Former head.
-    conv_dim: int = 256
-    mask_dim: int = 256
-    pixel_decoder_layers: int = 6
-    decoder_layers: int = 9
-    heads: int = 8
-    points: int = 4
-    ffn_dim: int = 2048
-    # Losses: identity-assigned mask classification on every prediction set (the inherited weights), plus
-    # pixel-text alignment.
+    # tqdm's text-query Mask2Former head has the inherited sizes and losses (identity-assigned mask
+    # classification on every prediction set), plus the pixel-text alignment:
     align_weight: float = 1.0
     tau: float = 0.07
 
@@ -133,7 +138,7 @@ class DepthTowerConfig:
 
 
 @dataclass
-class DepthForgeConfig(MaskLossConfig):
+class DepthForgeConfig(MaskFormerConfig):
     """DepthForge's and Rein's parts beyond the visual backbone (``model.backbone``): the official sizes.
 
     Family ``depthforge`` needs ``depth`` (and by default adds DQCM); family ``rein`` is the same model with
@@ -150,15 +155,8 @@ class DepthForgeConfig(MaskLossConfig):
     # Dynamic query correction module on the stride-4 map.
     dqcm: bool = True
     dqcm_reduction: int = 16
-    # Mask2Former head (mmdet's MSDeformAttn pixel decoder, masked transformer decoder).
-    conv_dim: int = 256  # also the width of the token-derived queries
-    mask_dim: int = 256
-    pixel_decoder_layers: int = 6
+    # Mask2Former head: the inherited sizes, and the pixel decoder's own FFN width (mmdet's 1024).
     pixel_ffn_dim: int = 1024
-    decoder_layers: int = 9
-    heads: int = 8
-    points: int = 4
-    ffn_dim: int = 2048
     # Losses: mask classification on every prediction set (the inherited weights), Hungarian-matched with
     # these costs.
     class_cost: float = 2.0
