@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MFUSER_CONFIG, check_slide_runtime, labelled_batch, loss_before_and_after_steps
+from conftest import (TINY_MFUSER_CONFIG, check_slide_runtime, labelled_batch, loss_before_and_after_steps,
+                      make_tiny_mfuser_weights)
 from dgss_perception.card import CardError, load_card
 from dgss_perception.engine import Segmenter
 from onnxutil import op_types
 from training.build import build_model
 from training.config import config_from_dict, load_config
-from training.export import export_package
+from training.export import (ATTENTION_MARGIN, attention_margins, draw_parity_input, export_package,
+                             load_export_model)
+from training.export_wrappers import WindowGraph
 from training.inference import window_grid
 from training.models.mfuser import MFuser
 from training.objectives import compute_loss
@@ -121,6 +124,7 @@ def test_package_card_parity_and_no_text_tower(tiny_mfuser_dir):
     assert (card.input_height, card.input_width) == (112, 150)
     assert card.inference_params["windows"] == [list(w) for w in window_grid(112, 150, 56, 37)]
     assert all(r["ok"] for r in card.export["parity"]) and len(card.export["parity"]) == 2
+    assert all(r["attention_margin"] > 0 for r in card.export["parity"])
     import onnx
 
     model = onnx.load(str(tiny_mfuser_dir / "window.onnx"))
@@ -129,6 +133,42 @@ def test_package_card_parity_and_no_text_tower(tiny_mfuser_dir):
     # The text tower's token table (49,408 × 32) is not in the graph, the class embeddings (19 × 24) are.
     assert not any(49408 in s for s in shapes)
     assert (19, 24) in shapes
+
+
+def test_parity_input_keeps_attention_decisions_off_their_threshold(tmp_path):
+    """An input putting a mask logit on the masked-attention threshold is replaced before the parity check.
+
+    Seed 2323004559's first windows leave a mask logit ~1e-6 from zero: ONNX Runtime's rounding flipped
+    that attention decision and its scores differed from eager PyTorch by 0.037 (tolerance 1e-4).
+    """
+    from training.models import mask_decoder
+
+    cfg = make_tiny_mfuser_weights(tmp_path / "w.safetensors")
+    w = cfg.inference.window
+    graph = WindowGraph(load_export_model(cfg, tmp_path / "w.safetensors", (w, w)), cfg.model.mean,
+                        cfg.model.std).eval()
+
+    def eager(x: torch.Tensor) -> list[np.ndarray]:
+        return [graph(x)[0].numpy()]
+
+    original = mask_decoder.attention_mask
+    first = np.random.default_rng(2323004559).integers(0, 256, size=(3, w, w, 3), dtype=np.uint8)
+    with attention_margins() as seen, torch.no_grad():
+        graph(torch.from_numpy(first))
+    assert mask_decoder.attention_mask is original  # the probe is gone after the block
+    assert len(seen) == 3  # one decision per decoder layer of the tiny head
+    assert min(seen) < ATTENTION_MARGIN, "precondition: the seed's first draw sits on a threshold"
+
+    crops, ref, margin = draw_parity_input(np.random.default_rng(2323004559), first.shape, eager)
+    assert margin is not None and margin >= ATTENTION_MARGIN
+    assert not np.array_equal(crops, first)
+    with torch.no_grad():
+        np.testing.assert_allclose(ref[0], eager(torch.from_numpy(crops))[0], atol=1e-6)
+
+    # Without masked attention the first draw is kept and no margin is reported.
+    plain, _, none = draw_parity_input(np.random.default_rng(7), (2, 4, 4, 3), lambda x: [x.numpy()])
+    assert none is None
+    assert np.array_equal(plain, np.random.default_rng(7).integers(0, 256, size=(2, 4, 4, 3), dtype=np.uint8))
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torchscript"])

@@ -73,6 +73,13 @@ def segmentation_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -
     return torch.einsum("nqc,nqhw->nchw", probs, mask_logits.sigmoid())
 
 
+def mask_logits_at(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, Q, h, w) mask logits resized bilinearly (align_corners False) to ``size`` = (H, W) where they differ."""
+    if tuple(mask_logits.shape[-2:]) != tuple(size):
+        mask_logits = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+    return mask_logits
+
+
 def attention_mask(mask_logits: torch.Tensor, size: tuple[int, int], num_heads: int) -> torch.Tensor:
     """Masked-attention mask from a prediction: True where a query may NOT attend.
 
@@ -88,9 +95,7 @@ def attention_mask(mask_logits: torch.Tensor, size: tuple[int, int], num_heads: 
     Returns:
         (N·num_heads, Q, H·W) bool, batch-major then head (nn.MultiheadAttention's 3-D mask layout).
     """
-    if tuple(mask_logits.shape[-2:]) != tuple(size):
-        mask_logits = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
-    blocked = mask_logits.flatten(2).sigmoid() < 0.5
+    blocked = mask_logits_at(mask_logits, size).flatten(2).sigmoid() < 0.5
     blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
     n, q, length = blocked.shape
     return blocked.detach()[:, None].expand(n, num_heads, q, length).reshape(n * num_heads, q, length)
