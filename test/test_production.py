@@ -35,13 +35,27 @@ class Driver:
         self.node = rclpy.create_node(name, context=self.context)
         self.spinner = Spinner(self.node)
 
-    def call(self, srv_type, name: str, request, timeout: float = 20.0):
+    def call(self, srv_type, name: str, request, timeout: float = 20.0, attempt: float = 5.0):
+        """Call an idempotent service, sending the request again every ``attempt`` seconds until it replies.
+
+        A service seen by wait_for_service may not have matched the client's reply reader yet; DDS then
+        drops that first reply, so a single request can go unanswered.
+        """
         client = self.node.create_client(srv_type, name)
-        assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
-        future = client.call_async(request)
-        wait_for(future.done, timeout, f"reply from {name}")
-        self.node.destroy_client(client)
-        return future.result()
+        try:
+            assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
+            deadline = time.monotonic() + timeout
+            while True:
+                future = client.call_async(request)
+                try:
+                    wait_for(future.done, min(attempt, max(0.1, deadline - time.monotonic())), f"reply from {name}")
+                    return future.result()
+                except AssertionError:
+                    client.remove_pending_request(future)
+                    if time.monotonic() >= deadline:
+                        raise
+        finally:
+            self.node.destroy_client(client)
 
     def close(self) -> None:
         self.spinner.stop()
