@@ -2,25 +2,39 @@
 
 A backend takes the graph's inputs in card order (the first is always the
 uint8 NHWC image batch) and returns its outputs in card order as numpy
-arrays. ONNX Runtime needs no torch; the TorchScript backend imports torch
-only when chosen.
+arrays, or, for the outputs a caller asks to keep, as device tensors that
+another graph of the same backend takes as inputs. ONNX Runtime needs no
+torch; the TorchScript backend imports torch only when chosen.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+# An output left where the graph produced it: an ``onnxruntime.OrtValue`` (ONNX Runtime with IO binding) or a
+# ``torch.Tensor`` (TorchScript). Opaque to callers, who only pass it on to another graph of the same backend.
+DeviceTensor = Any
 
 
 class Backend(Protocol):
     name: str
     device: str
 
-    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """The graph's inputs in card order (image uint8 (N,H,W,3) first) → its outputs in card order."""
+    def run(self, inputs: Sequence[np.ndarray | DeviceTensor],
+            keep_on_device: tuple[int, ...] = ()) -> list[np.ndarray | DeviceTensor]:
+        """The graph's inputs in card order → its outputs in card order.
+
+        Inputs are numpy arrays (the image uint8 (N,H,W,3) first, then the graph's other inputs, e.g. a
+        float32 (1,) threshold or int64 window indices) or device tensors returned by an earlier run of
+        this backend. Outputs are numpy arrays, except those whose index is in ``keep_on_device``: these
+        may stay on the device as a :data:`DeviceTensor` (a backend without device residency returns
+        numpy for them too, which is as valid an input).
+        """
 
 
 class BackendError(RuntimeError):
@@ -82,7 +96,13 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, path: Path, input_names: list[str], output_names: list[str], device: str = "auto",
-                 threads: int = 0, checksum: str | None = None, precision: str = "fp32") -> None:
+                 threads: int = 0, checksum: str | None = None, precision: str = "fp32",
+                 io_binding: bool | None = None) -> None:
+        """Open ``path`` and check its inputs and outputs against the card's names.
+
+        ``io_binding``: bind inputs and outputs explicitly (None = only when the first provider is a GPU
+        one, where it lets outputs stay on the device between graphs; on CPU it saves nothing).
+        """
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -106,9 +126,31 @@ class OnnxRuntimeBackend:
                                f"card says {list(input_names)} and {list(output_names)}")
         self.input_names = list(input_names)
         self.output_names = list(output_names)
+        self.io_binding: bool = self.device != "cpu" if io_binding is None else bool(io_binding)
+        # Where bound outputs are allocated: the session's GPU (CUDA and TensorRT run on device 0), else host.
+        self._output_device = ("cuda", 0) if self.device == "cuda" else ("cpu", 0)
+        self._ortvalue_type = ort.OrtValue
 
-    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.output_names, dict(zip(self.input_names, inputs)))
+    def run(self, inputs: Sequence[np.ndarray | DeviceTensor],
+            keep_on_device: tuple[int, ...] = ()) -> list[np.ndarray | DeviceTensor]:
+        """Inputs in card order (numpy or OrtValue) → outputs in card order; see :class:`Backend`."""
+        if not self.io_binding:
+            # A device tensor from a graph that binds its outputs: to host, as older runtimes' run() wants.
+            feeds = {name: value.numpy() if isinstance(value, self._ortvalue_type) else value
+                     for name, value in zip(self.input_names, inputs)}
+            return self.session.run(self.output_names, feeds)
+        # A new binding per run: outputs left bound across runs are written in place by the next run,
+        # overwriting results (the last frame's labels) that a caller may still hold.
+        binding = self.session.io_binding()
+        for name, value in zip(self.input_names, inputs):
+            if isinstance(value, self._ortvalue_type):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, *self._output_device)
+        self.session.run_with_iobinding(binding)
+        return [value if i in keep_on_device else value.numpy() for i, value in enumerate(binding.get_outputs())]
 
 
 class TorchScriptBackend:
@@ -129,11 +171,17 @@ class TorchScriptBackend:
         self.device = device
         self.module = torch.jit.load(str(path), map_location=device).eval()
 
-    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def run(self, inputs: Sequence[np.ndarray | DeviceTensor],
+            keep_on_device: tuple[int, ...] = ()) -> list[np.ndarray | DeviceTensor]:
+        """Inputs in card order (numpy or torch tensors) → outputs in card order; see :class:`Backend`."""
         torch = self.torch
         with torch.inference_mode():
-            # torch cannot wrap a read-only array (a frame viewed in its message): copy those.
-            out = self.module(*(torch.from_numpy(a if a.flags.writeable else a.copy()).to(self.device)
-                                for a in inputs))
+            out = self.module(*(self._tensor(a) for a in inputs))
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        return [o.cpu().numpy() for o in outs]
+        return [o if i in keep_on_device else o.cpu().numpy() for i, o in enumerate(outs)]
+
+    def _tensor(self, value: np.ndarray | DeviceTensor) -> DeviceTensor:
+        if isinstance(value, self.torch.Tensor):
+            return value.to(self.device)
+        # torch cannot wrap a read-only array (a frame viewed in its message): copy those.
+        return self.torch.from_numpy(value if value.flags.writeable else value.copy()).to(self.device)

@@ -77,6 +77,7 @@ from .engine import BACKENDS, DEVICES
 
 ENCODINGS = ("rgb8", "bgr8", "jpeg")
 INFERENCE_MODES = ("whole", "coarse", "coarse_to_fine", "slide")
+IO_BINDING = {"auto": None, "on": True, "off": False}  # --io-binding → Segmenter(io_binding=…)
 STAGES = ("decode", "preprocess", "inference", "postprocess", "encode")
 POOL_SIZE = 4  # distinct frames cycled through
 JPEG_QUALITY = 90
@@ -108,6 +109,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads (0 = runtime default)")
+    p.add_argument("--io-binding", choices=IO_BINDING, default="auto",
+                   help="ONNX Runtime IO binding (default auto: on for CUDA/TensorRT, off on CPU)")
     p.add_argument("--inference-mode", choices=INFERENCE_MODES, default=None,
                    help="inference mode where the package offers it (default: the card's)")
     p.add_argument("--width", type=int, default=1920, help="frame width (default 1920)")
@@ -152,7 +155,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def command_line(args: argparse.Namespace) -> str:
     """The run as one explicit command line, defaults included, so a report says exactly what ran."""
     parts = ["dgss-perception", "bench", "--model", str(args.model), "--backend", args.backend, "--device",
-             args.device, "--threads", str(args.threads)]
+             args.device, "--threads", str(args.threads), "--io-binding", args.io_binding]
     if args.inference_mode:
         parts += ["--inference-mode", args.inference_mode]
     parts += ["--width", str(args.width), "--height", str(args.height), "--encoding", args.encoding,
@@ -690,7 +693,7 @@ def run_bench(args: argparse.Namespace) -> int:
         _check_args(args)
         model = args.model.resolve()
         segmenter = Segmenter(model, backend=args.backend, device=args.device, threads=args.threads,
-                              inference_mode=args.inference_mode)
+                              inference_mode=args.inference_mode, io_binding=IO_BINDING[args.io_binding])
     except (ValueError, FileExistsError, CardError, BackendError) as exc:  # CardError is a ValueError
         print(f"dgss-perception bench: error: {exc}", file=sys.stderr)
         return 2
@@ -707,6 +710,7 @@ def run_bench(args: argparse.Namespace) -> int:
                   "jpeg_quality": JPEG_QUALITY if args.encoding == "jpeg" else None, "pool": POOL_SIZE},
         "backend": {"name": segmenter.backend.name, "device": segmenter.backend.device,
                     "providers": getattr(segmenter.backend, "providers", None), "threads": args.threads,
+                    "io_binding": getattr(segmenter.backend, "io_binding", None),
                     "graphs": list(segmenter.backends)},
         "definitions": definitions(),
     }

@@ -69,11 +69,14 @@ class Segmenter:
         c_tau: coarse_to_fine refines a window whose confident fraction is below this (None = the card's).
         window_batch: slide: windows per run of the window graph (0 = all of a frame's windows at once;
             fewer bound the device memory at the cost of more runs).
+        io_binding: ONNX Runtime IO binding, which keeps coarse_to_fine's coarse logits on the device
+            between its graphs (None = on for CUDA/TensorRT sessions, off on CPU).
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str = "auto",
                  output_resolution: str = "input", threads: int = 0, inference_mode: str | None = None,
-                 theta: float | None = None, c_tau: float | None = None, window_batch: int = 0) -> None:
+                 theta: float | None = None, c_tau: float | None = None, window_batch: int = 0,
+                 io_binding: bool | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if device not in DEVICES:
@@ -108,12 +111,14 @@ class Segmenter:
             self._inverse_count = 1.0 / count
         graphs = MODE_GRAPHS[self.mode]
         self.graph = self.card.graphs[graphs[0]]
-        self.backends: dict[str, Backend] = {g: self._open_backend(g, backend, device, threads) for g in graphs}
+        self.backends: dict[str, Backend] = {g: self._open_backend(g, backend, device, threads, io_binding)
+                                             for g in graphs}
         self.backend: Backend = self.backends[graphs[0]]
         self.windows_total = 0
         self.windows_refined = 0
 
-    def _open_backend(self, graph: str, backend: str, device: str, threads: int) -> Backend:
+    def _open_backend(self, graph: str, backend: str, device: str, threads: int,
+                      io_binding: bool | None = None) -> Backend:
         spec = self.card.graphs[graph]
         if backend == "auto":
             try:
@@ -125,7 +130,7 @@ class Segmenter:
         if backend == "onnx":
             return OnnxRuntimeBackend(path, [i.name for i in spec.inputs], [o.name for o in spec.outputs],
                                       device=device, threads=threads, checksum=self.card.checksums.get(path.name),
-                                      precision=self.card.precision)
+                                      precision=self.card.precision, io_binding=io_binding)
         if backend == "torchscript":
             return TorchScriptBackend(path, device=device)
         raise BackendError(f"unknown backend {backend}")
@@ -226,9 +231,10 @@ class Segmenter:
         """One frame (1,H,W,3) through the coarse graph and, where it is unsure, the refine graph.
 
         The coarse graph scores every window on the device; only that short vector comes back
-        to pick the windows, which the refine graph then runs as one batch.
+        to pick the windows, which the refine graph then runs as one batch. The coarse logits stay
+        on the device (where the backend can keep them) and go from there into the refine graph.
         """
-        labels, confidence, coarse, fractions = self.backend.run([batch, self._theta_input])
+        labels, confidence, coarse, fractions = self.backend.run([batch, self._theta_input], keep_on_device=(2,))
         if self.mode == "coarse":
             return [labels, confidence], 0
         windows = np.flatnonzero(fractions[0] < self.c_tau).astype(np.int64)
