@@ -153,7 +153,7 @@ def test_cli_refuses_bad_requests(tmp_path, capsys):
     assert main(["--preset", "no_such", "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--preset", "tiny", "--out", str(tmp_path / "x"), "--precision", "fp16"])
+        main(["--preset", "tiny", "--out", str(tmp_path / "x"), "--precision", "bf16"])
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--out", str(tmp_path / "x"), "--height", "56"])
     assert parse_overrides(["depth=2", "qkv_bias=false"]) == {"depth": 2, "qkv_bias": False}

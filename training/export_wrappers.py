@@ -225,6 +225,43 @@ def with_constants(model: nn.Module) -> nn.Module:
     return model
 
 
+class HalfPrecision(nn.Module):
+    """A model whose weights and arithmetic are fp16 behind float32 inputs and outputs.
+
+    The graphs around it keep the uint8 → float32 normalisation and the softmax / argmax in float32:
+    normalised pixels and the confidence lose nothing to fp16's 11-bit mantissa, and the runtime sees
+    the same tensor types as from an fp32 package. ``coarse`` and ``refine`` (VFMNet + MGRNet) are
+    wrapped the same way as ``forward``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.half()
+
+    @staticmethod
+    def _to(value: object, dtype: torch.dtype) -> object:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        if isinstance(value, (tuple, list)):
+            return type(value)(HalfPrecision._to(v, dtype) for v in value)
+        return value
+
+    def _call(self, fn: object, *args: torch.Tensor) -> object:
+        return self._to(fn(*self._to(args, torch.float16)), torch.float32)
+
+    def forward(self, x: torch.Tensor) -> object:
+        """(N, 3, H, W) float32 → the model's outputs in float32."""
+        return self._call(self.model, x)
+
+    def coarse(self, x: torch.Tensor) -> torch.Tensor:
+        """VFMNet's stage 1 in fp16: (N, 3, H, W) → (N, C, h, w) float32."""
+        return self._call(self.model.coarse, x)
+
+    def refine(self, crops: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """MGRNet's stage 2 in fp16: crops (K, 3, w, w), context (K, C, w/4, w/4) → (K, C, ·, ·) float32."""
+        return self._call(self.model.refine, crops, context)
+
+
 class WindowGraph(nn.Module):
     """Slide inference's window graph: uint8 (K,w,w,3) RGB windows → class scores float32 (K,C,w,w).
 
