@@ -226,3 +226,40 @@ def test_training_run_evaluates_in_slide_mode_and_exports(tmp_path):
                           tmp_path / "pkg", formats=("onnx",))
     assert card["inference"]["mode"] == "slide" and all(r["ok"] for r in card["export"]["parity"])
     assert card["inference"]["params"]["windows"] == [[0, 0], [0, 34], [4, 0], [4, 34]]
+
+
+@pytest.fixture(scope="module")
+def slide_in_graph_dir(tmp_path_factory, tiny_mfuser_dir):
+    """The tiny MFuser of ``tiny_mfuser_dir`` exported as one graph doing slide inference, 4 windows per run."""
+    out = tmp_path_factory.mktemp("slide_in_graph") / "package"
+    export_package(config_from_dict(TINY_MFUSER_CONFIG), tiny_mfuser_dir.parent / "weights.safetensors", out,
+                   mode="slide", slide_in_graph=True, window_batch=4)
+    return out
+
+
+def test_slide_in_graph_card_and_graph(slide_in_graph_dir, tiny_mfuser_dir):
+    import onnx
+
+    card, windowed = load_card(slide_in_graph_dir), load_card(tiny_mfuser_dir)
+    assert card.inference_mode == "whole" and card.available_modes == ("whole",)
+    params = card.inference_params
+    assert params["slide_in_graph"] and params["window_batch"] == 4
+    assert params["windows"] == windowed.inference_params["windows"] and len(params["windows"]) == 12
+    assert (card.input_height, card.input_width) == (windowed.input_height, windowed.input_width)
+    assert all(r["ok"] for r in card.export["parity"]) and len(card.export["parity"]) == 2
+    # Twelve windows in three runs of the model: the FLOPs are twelve windows' worth.
+    assert card.export["flops"]["whole"] == 12 * windowed.export["flops"]["window"]
+    model = onnx.load(str(slide_in_graph_dir / "whole.onnx"))
+    assert not op_types(model) & {"Loop", "Scan", "If"}
+    assert [o.name for o in model.graph.output] == ["labels", "confidence"]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_slide_in_graph_equals_the_runtime_slide(slide_in_graph_dir, tiny_mfuser_dir, backend):
+    frame = np.random.default_rng(11).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    merged = Segmenter(slide_in_graph_dir, backend=backend).segment(frame)
+    host = Segmenter(tiny_mfuser_dir, backend=backend, window_batch=5).segment(frame)
+    assert merged.labels.shape == host.labels.shape == (150, 200)
+    assert np.mean(merged.labels == host.labels) >= 0.999
+    np.testing.assert_allclose(merged.network_confidence, host.network_confidence, atol=1e-4)
+    assert len(np.unique(merged.labels)) > 1

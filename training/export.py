@@ -32,8 +32,8 @@ from dgss_perception.labels import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 
 from .checkpoint import load_state_dict_file
 from .config import TrainConfig, load_config
-from .export_wrappers import (CoarseGraph, HalfPrecision, RefineGraph, SegmentationGraph, WindowGraph,
-                              with_constants)
+from .export_wrappers import (CoarseGraph, HalfPrecision, RefineGraph, SegmentationGraph, SlideGraph,
+                              WindowGraph, with_constants)
 from .inference import model_at_size, window_grid
 
 GRAPH = "whole"
@@ -264,7 +264,14 @@ def run_parity(graph: nn.Module, onnx_path: Path | None, ts_path: Path | None, s
                                            lambda x: [t.numpy() for t in graph(x)],
                                            ATTENTION_MARGIN["fp32" if graph32 is None else "fp16"])
     with torch.no_grad():
-        ref_probs = _reference_probs(graph, torch.from_numpy(image))
+        if isinstance(graph, SlideGraph):
+            logits = graph.logits(torch.from_numpy(image))
+            ref_probs = torch.softmax(logits, dim=1).numpy()
+            # Held to the window graph's standard: scores within atol of their largest magnitude, which
+            # lets the confidence move by up to that much (a softmax moves by at most its input's change).
+            atol = atol * max(1.0, float(logits.abs().max()))
+        else:
+            ref_probs = _reference_probs(graph, torch.from_numpy(image))
     results, labels = [], {}
     if onnx_path is not None:
         import onnxruntime as ort
@@ -396,6 +403,38 @@ def _export_whole(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, i
     graphs = {GRAPH: {"onnx": onnx_name, "torchscript": ts_name, "inputs": inputs, "outputs": outputs,
                       "output_kind": output_kind}}
     return graphs, {"mode": GRAPH, "params": {}}, parity, flops
+
+
+def _export_slide_in_graph(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int],
+                           formats: tuple[str, ...], opset: int, atol: float, seed: int, precision: str = "fp32",
+                           window_batch: int = 0) -> tuple[dict, dict, list[dict[str, Any]], dict[str, int]]:
+    """Slide inference as one whole-frame graph (:class:`SlideGraph`): frame at ``size`` in, labels out.
+
+    The runtime sees a ``whole`` package; the windows, their batching (``window_batch`` per run of the
+    model, 0 = all) and the overlap averaging happen on the device. The card keeps the window table
+    under ``inference.params`` for the record.
+    """
+    inf = cfg.inference
+    window = inf.window
+    windows = window_grid(size[0], size[1], window, inf.stride)
+
+    def make(p: str) -> SlideGraph:
+        return SlideGraph(load_export_model(cfg, weights, (window, window), p), cfg.model.mean, cfg.model.std,
+                          size, windows, window, window_batch).eval()
+
+    graph = make(precision)
+    inputs, outputs = tensor_specs(size, cfg.model.num_classes, "labels_confidence")
+    example = torch.zeros((1, *size, 3), dtype=torch.uint8)
+    flops = whole_flops(graph, example)
+    onnx_name, ts_name = _graph_files(out, GRAPH, graph, (example,), ["image"], [o["name"] for o in outputs],
+                                      formats, opset)
+    parity = run_parity(graph, out / onnx_name if onnx_name else None, out / ts_name if ts_name else None,
+                        size, "labels_confidence", atol, seed, 1, make("fp32") if precision != "fp32" else None)
+    graphs = {GRAPH: {"onnx": onnx_name, "torchscript": ts_name, "inputs": inputs, "outputs": outputs,
+                      "output_kind": "labels_confidence"}}
+    params = {"slide_in_graph": True, "window": window, "stride": inf.stride, "window_batch": graph.chunk,
+              "windows": [list(c) for c in windows]}
+    return graphs, {"mode": GRAPH, "params": params}, parity, flops
 
 
 def _export_coarse_to_fine(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int],
@@ -571,7 +610,8 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
                    opset: int = 18, atol: float | None = None, overwrite: bool = False, name: str | None = None,
                    batch: int = 1, mode: str | None = None, resize_in_graph: bool = False,
                    benchmark: bool = False, external_data: bool = False, parity_seed: int | None = None,
-                   precision: str = "fp32", min_label_agreement: float = 0.98) -> dict:
+                   precision: str = "fp32", min_label_agreement: float = 0.98, slide_in_graph: bool = False,
+                   window_batch: int = 0) -> dict:
     """Write a model package to ``out``; raise ParityError when a graph disagrees with eager PyTorch.
 
     Args:
@@ -587,6 +627,9 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
             done for graphs over 2 GB, whose weights cannot live inside the ONNX file).
         benchmark: ``weights`` are a random initialisation (``training.bench_models``): the card says
             so (``benchmark: true`` at the top and in ``export``, ``export.weights`` "random (benchmark)").
+        slide_in_graph: (``slide`` only) one graph takes the frame, runs its windows ``window_batch``
+            at a time (0 = all at once) and averages them on the device; the card then offers
+            ``whole`` inference of that graph, and only labels and confidence leave the device.
         parity_seed: seed of the parity inputs (default: fresh each export); every parity record
             carries its seed, so a reported failure can be replayed.
         atol: parity tolerance against eager PyTorch at the same precision (default
@@ -613,6 +656,10 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         raise ValueError(f"batch must be ≥ 1 (and 1 for {mode}), got {batch}")
     if mode == "coarse_to_fine" and output_kind != "labels_confidence":
         raise ValueError(f"{mode} graphs output labels and confidence, not {output_kind}")
+    if slide_in_graph and (mode != "slide" or output_kind != "labels_confidence"):
+        raise ValueError("slide_in_graph needs slide mode and outputs labels and confidence")
+    if window_batch < 0:
+        raise ValueError(f"window_batch must be ≥ 0, got {window_batch}")
     if resize_in_graph and (mode != "whole" or output_kind != "labels_confidence"):
         raise ValueError("resize_in_graph needs a whole-image graph that outputs labels and confidence")
     if size is None:
@@ -630,6 +677,9 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
     if mode == "whole":
         graphs, inference, parity, flops = _export_whole(cfg, weights, out, size, output_kind, formats, opset, atol,
                                                          batch, seed, resize_in_graph, precision)
+    elif mode == "slide" and slide_in_graph:
+        graphs, inference, parity, flops = _export_slide_in_graph(cfg, weights, out, size, formats, opset, atol,
+                                                                  seed, precision, window_batch)
     elif mode == "slide":
         graphs, inference, parity, flops = _export_slide(cfg, weights, out, size, formats, opset, atol, seed,
                                                          precision)
@@ -753,6 +803,11 @@ def main(argv: list[str] | None = None) -> int:
                         "MFuser, else whole)")
     parser.add_argument("--resize-in-graph", action="store_true",
                         help="whole mode: the graph takes frames of any size and resizes them on the device")
+    parser.add_argument("--slide-in-graph", action="store_true",
+                        help="slide mode: one graph cuts the windows, runs them and averages them on the device "
+                        "(the runtime sees a whole-frame graph)")
+    parser.add_argument("--window-batch", type=int, default=0,
+                        help="with --slide-in-graph: windows per run of the model inside the graph (0 = all)")
     parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the graphs (cameras per inference)")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--atol", type=float,
@@ -782,7 +837,8 @@ def main(argv: list[str] | None = None) -> int:
                               args.atol, args.overwrite, args.name, args.batch, args.mode,
                               resize_in_graph=args.resize_in_graph, external_data=args.external_data,
                               parity_seed=args.parity_seed, precision=args.precision,
-                              min_label_agreement=args.min_label_agreement)
+                              min_label_agreement=args.min_label_agreement, slide_in_graph=args.slide_in_graph,
+                              window_batch=args.window_batch)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

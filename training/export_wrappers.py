@@ -280,3 +280,49 @@ class WindowGraph(nn.Module):
         x = normalize(windows.permute(0, 3, 1, 2).float(), self.mean, self.std)
         scores = self.model(x)
         return (F.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False),)
+
+
+class SlideGraph(nn.Module):
+    """Slide inference in one graph: uint8 (1,H,W,3) frame at the working size → labels uint8 (1,H,W) and
+    max softmax float32 (1,H,W).
+
+    The windows (a constant table) are cut in the graph and run ``chunk`` at a time (fewer bound the
+    device memory; the chunks share the weights), their scores are summed into the frame where
+    windows overlap, divided by the overlap count and reduced to labels, so neither the windows'
+    scores (K×C×w×w floats) nor the frame's logits leave the device.
+    """
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 frame_size: tuple[int, int], windows: list[tuple[int, int]], window: int, chunk: int = 0) -> None:
+        super().__init__()
+        self.model = model
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.frame_size = (int(frame_size[0]), int(frame_size[1]))
+        self.windows = [(int(y), int(x)) for y, x in windows]
+        self.window = int(window)
+        self.chunk = int(chunk) if chunk > 0 else len(self.windows)
+        count = torch.zeros(1, 1, *self.frame_size)
+        for y, x in self.windows:
+            count[..., y:y + window, x:x + window] += 1
+        if count.min() == 0:
+            raise ValueError(f"the windows leave pixels of the {frame_size} frame uncovered")
+        self.register_buffer("inverse_count", 1.0 / count, persistent=False)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        confidence, labels = torch.softmax(self.logits(image), dim=1).max(dim=1)
+        return labels.to(torch.uint8), confidence
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Return what :meth:`forward` reduces to labels: the overlap-averaged scores, shape (1,C,H,W)."""
+        w = self.window
+        x = normalize(image.permute(0, 3, 1, 2).float(), self.mean, self.std)
+        # A fixed, small set of windows: unrolled slices keep the graph free of loops and scatters.
+        crops = torch.cat([x[:, :, y:y + w, c:c + w] for y, c in self.windows])
+        scores = torch.cat([F.interpolate(self.model(crops[s:s + self.chunk]), size=(w, w), mode="bilinear",
+                                          align_corners=False)
+                            for s in range(0, len(self.windows), self.chunk)])
+        total = scores.new_zeros(1, scores.shape[1], *self.frame_size)
+        for i, (y, c) in enumerate(self.windows):
+            total[:, :, y:y + w, c:c + w] += scores[i:i + 1]
+        return total * self.inverse_count
