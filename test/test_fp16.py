@@ -76,7 +76,9 @@ def test_label_agreement_below_the_minimum_fails_the_export(tmp_path):
     """A tiny random DepthForge loses labels in fp16 (its masked attention flips): no card, a report instead."""
     cfg = make_tiny_depthforge_weights(tmp_path / "w.safetensors")
     out = tmp_path / "package"
-    with pytest.raises(ParityError, match="agree with the fp32 model's labels"):
+    # Either the fp32 agreement falls short, or (attention decisions near their threshold) the graph's
+    # labels are held to the same minimum against eager fp16 and fall short first.
+    with pytest.raises(ParityError, match="agree with the fp32 model's labels|differ from eager PyTorch"):
         export_package(cfg, tmp_path / "w.safetensors", out, precision="fp16", formats=("onnx",),
                        min_label_agreement=0.999)
     assert not (out / "card.json").exists()

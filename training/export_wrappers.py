@@ -283,13 +283,13 @@ class WindowGraph(nn.Module):
 
 
 class SlideGraph(nn.Module):
-    """Slide inference in one graph: uint8 (1,H,W,3) frame at the working size → labels uint8 (1,H,W) and
-    max softmax float32 (1,H,W).
+    """Slide inference in one graph: uint8 frame (1,H,W,3) → labels (1,H,W), max softmax float32 (1,H,W).
 
-    The windows (a constant table) are cut in the graph and run ``chunk`` at a time (fewer bound the
-    device memory; the chunks share the weights), their scores are summed into the frame where
-    windows overlap, divided by the overlap count and reduced to labels, so neither the windows'
-    scores (K×C×w×w floats) nor the frame's logits leave the device.
+    The frame comes at the working size. The windows (a constant table) are cut in the graph and run
+    ``chunk`` at a time (fewer bound the device memory; the chunks share the weights); their scores
+    are averaged where windows overlap and reduced to labels, so neither the windows' scores
+    (K×C×w×w floats) nor the frame's logits leave
+    the device.
     """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
@@ -302,15 +302,14 @@ class SlideGraph(nn.Module):
         self.windows = [(int(y), int(x)) for y, x in windows]
         self.window = int(window)
         self.chunk = int(chunk) if chunk > 0 else len(self.windows)
-        count = torch.zeros(1, 1, *self.frame_size)
-        for y, x in self.windows:
-            count[..., y:y + window, x:x + window] += 1
-        if count.min() == 0:
-            raise ValueError(f"the windows leave pixels of the {frame_size} frame uncovered")
-        self.register_buffer("inverse_count", 1.0 / count, persistent=False)
+        self.cells = _overlap_cells(self.frame_size, self.windows, self.window)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        confidence, labels = torch.softmax(self.logits(image), dim=1).max(dim=1)
+        logits = self.logits(image)
+        top, labels = logits.max(dim=1)
+        # The max softmax is 1 / Σ exp(l − max): no softmax over the channel axis, which ONNX Runtime
+        # runs on a non-last axis by transposing the whole frame twice (most of the time on a CPU).
+        confidence = 1.0 / torch.exp(logits - top[:, None]).sum(dim=1)
         return labels.to(torch.uint8), confidence
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
@@ -322,7 +321,45 @@ class SlideGraph(nn.Module):
         scores = torch.cat([F.interpolate(self.model(crops[s:s + self.chunk]), size=(w, w), mode="bilinear",
                                           align_corners=False)
                             for s in range(0, len(self.windows), self.chunk)])
-        total = scores.new_zeros(1, scores.shape[1], *self.frame_size)
-        for i, (y, c) in enumerate(self.windows):
-            total[:, :, y:y + w, c:c + w] += scores[i:i + 1]
-        return total * self.inverse_count
+        # The frame is tiled by cells that lie inside the same windows; each is the mean of those windows'
+        # slices, and the cells are concatenated: every output pixel is written once (a scatter-add of
+        # whole windows makes ONNX Runtime copy and transpose the full frame once per window).
+        rows = []
+        for (y0, y1), row in self.cells:
+            cells = []
+            for (x0, x1), cover in row:
+                part = sum(scores[i:i + 1, :, y0 - y:y1 - y, x0 - c:x1 - c] for i, y, c in cover)
+                cells.append(part * (1.0 / len(cover)))
+            rows.append(torch.cat(cells, dim=3))
+        return torch.cat(rows, dim=2)
+
+
+Cover = list[tuple[int, int, int]]  # the windows (index, top, left) containing a cell
+
+
+def _overlap_cells(frame_size: tuple[int, int], windows: list[tuple[int, int]],
+                   window: int) -> list[tuple[tuple[int, int], list[tuple[tuple[int, int], Cover]]]]:
+    """The frame cut at every window edge: rows [y0, y1) of cells [x0, x1), each with its covering windows.
+
+    A cell's windows are listed as (index, top, left).
+
+    Raises:
+        ValueError: a cell no window covers.
+    """
+    height, width = frame_size
+    ys = sorted({0, height} | {y for y, _ in windows} | {y + window for y, _ in windows})
+    xs = sorted({0, width} | {x for _, x in windows} | {x + window for _, x in windows})
+    if ys[-1] > height or xs[-1] > width:
+        raise ValueError(f"a window reaches past the {frame_size} frame")
+    plan = []
+    for y0, y1 in zip(ys, ys[1:]):
+        row = []
+        for x0, x1 in zip(xs, xs[1:]):
+            cover = [(i, y, x) for i, (y, x) in enumerate(windows)
+                     if y <= y0 and y1 <= y + window and x <= x0 and x1 <= x + window]
+            if not cover:
+                raise ValueError(f"the windows leave pixels of the {frame_size} frame uncovered "
+                                 f"(rows {y0}–{y1}, columns {x0}–{x1})")
+            row.append(((x0, x1), cover))
+        plan.append(((y0, y1), row))
+    return plan
