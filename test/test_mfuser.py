@@ -157,10 +157,10 @@ def test_parity_input_keeps_attention_decisions_off_their_threshold(tmp_path):
         graph(torch.from_numpy(first))
     assert mask_decoder.attention_mask is original  # the probe is gone after the block
     assert len(seen) == 3  # one decision per decoder layer of the tiny head
-    assert min(seen) < ATTENTION_MARGIN, "precondition: the seed's first draw sits on a threshold"
+    assert min(seen) < ATTENTION_MARGIN["fp32"], "precondition: the seed's first draw sits on a threshold"
 
     crops, ref, margin = draw_parity_input(np.random.default_rng(2323004559), first.shape, eager)
-    assert margin is not None and margin >= ATTENTION_MARGIN
+    assert margin is not None and margin >= ATTENTION_MARGIN["fp32"]
     assert not np.array_equal(crops, first)
     with torch.no_grad():
         np.testing.assert_allclose(ref[0], eager(torch.from_numpy(crops))[0], atol=1e-6)
