@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,16 @@ def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     if state and all(k.startswith("module.") for k in state):
         return {k[len("module."):]: v for k, v in state.items()}
     return dict(state)
+
+
+def run_conversion(convert: Callable[[], list[str]], out: str | Path) -> int:
+    """A converter's command-line ending: print its notes and ``wrote <out>`` (0), or its refusal (1)."""
+    try:
+        notes = convert()
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in notes:
+        print(line)
+    print(f"wrote {out}")
+    return 0

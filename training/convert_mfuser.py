@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from .backbones.vit import StateDict, checkpoint_filter_for, describe_mismatch
-from .checkpoint import load_released_checkpoint, strip_module_prefix, tensors_for_saving
+from .checkpoint import load_released_checkpoint, run_conversion, strip_module_prefix, tensors_for_saving
 from .models.mfuser import MFuser
 from .models.text_encoder import rename_official_text_side
 
@@ -353,15 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output .safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
-    try:
-        notes = convert_file(args.src, args.config, args.out, args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for line in notes:
-        print(line)
-    print(f"wrote {args.out}")
-    return 0
+    return run_conversion(lambda: convert_file(args.src, args.config, args.out, args.overwrite), args.out)
 
 
 if __name__ == "__main__":

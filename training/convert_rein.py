@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 
 from .backbones.vit import StateDict, describe_mismatch
-from .checkpoint import load_released_checkpoint, strip_module_prefix, tensors_for_saving
+from .checkpoint import load_released_checkpoint, run_conversion, strip_module_prefix, tensors_for_saving
 from .config import ModelConfig, TrainConfig
 
 FAMILIES = ("depthforge", "rein")
@@ -413,15 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the trained parts only (tokens, DQCM, head); not loadable by training.export")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
-    try:
-        notes = convert_file(args.src, args.config, args.out, args.overwrite, args.with_backbone, args.heads_only)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for line in notes:
-        print(line)
-    print(f"wrote {args.out}")
-    return 0
+    return run_conversion(lambda: convert_file(args.src, args.config, args.out, args.overwrite, args.with_backbone,
+                                               args.heads_only), args.out)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from ..checkpoint import load_state_dict_file
+from ..checkpoint import load_state_dict_file, run_conversion
 from .vit import StateDict, describe_mismatch
 
 KERNEL_KEY = "patch_embed.proj.weight"
@@ -315,15 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch", type=int, default=16, help="new patch size (default 16)")
     parser.add_argument("--img", type=int, default=512, help="square image size of the new model (default 512)")
     args = parser.parse_args(argv)
-    try:
-        report = convert_file(args.src, args.dst, args.patch, args.img)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for line in report:
-        print(line)
-    print(f"wrote {args.dst}")
-    return 0
+    return run_conversion(lambda: convert_file(args.src, args.dst, args.patch, args.img), args.dst)
 
 
 if __name__ == "__main__":
