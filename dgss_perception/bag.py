@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
 from rosbags.interfaces import Connection, ConnectionExtRosbag2, MessageDefinitionFormat
 from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer, WriterError
@@ -50,7 +49,7 @@ from tqdm import tqdm
 import yaml
 
 from .codec import FrameError, compressed_to_rgb, encode_image_fields, encode_jpeg, image_to_rgb
-from .engine import BACKENDS, DEVICES
+from .engine import BACKENDS, DEVICES, resize_labels
 from .labels import CITYSCAPES_CLASSES, IGNORE_INDEX
 from .metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
@@ -582,7 +581,7 @@ def _copy_and_segment(reader: Reader, writer: Writer, typestore: Typestore, segm
                     labels = segmenter.segment(rgb).labels
                     if labels.shape != rgb.shape[:2]:
                         # A segmenter set to network resolution: the label topic promises input size.
-                        labels = cv2.resize(labels, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+                        labels = resize_labels(labels, rgb.shape[:2])
                     writer.write(label_conns[conn.topic], timestamp, _label_message(typestore, header, labels))
                     report.frames_segmented[conn.topic] += 1
                     if matcher is not None and conn.topic in report.evaluation:

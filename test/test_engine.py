@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dgss_perception.card import CardError, load_card
-from dgss_perception.engine import Segmenter
+from dgss_perception.engine import Segmenter, resize_labels
 
 rng = np.random.default_rng(1)
 
@@ -35,6 +35,17 @@ def test_network_resolution(tiny_model_dir, frames):
     seg = Segmenter(tiny_model_dir, backend="onnx", output_resolution="network")
     r = seg.segment(frames[3])
     assert r.labels.shape == seg.network_size
+
+
+def test_spin_wait_reaches_the_session_and_changes_no_result(tiny_model_dir, frames):
+    """Busy-waiting is off unless asked for; on or off, the labels are the same."""
+    key = "session.intra_op.allow_spinning"
+    off = Segmenter(tiny_model_dir, backend="onnx", threads=2)
+    on = Segmenter(tiny_model_dir, backend="onnx", threads=2, spin_wait=True)
+    assert off.backend.session.get_session_options().get_session_config_entry(key) == "0"
+    assert on.backend.session.get_session_options().get_session_config_entry(key) == "1"
+    for rgb in frames[:2]:
+        assert np.array_equal(off.segment(rgb).labels, on.segment(rgb).labels)
 
 
 def test_onnx_and_torchscript_agree(tiny_model_dir, frames):
@@ -179,3 +190,19 @@ def test_read_only_frames(in_graph_package, recwarn):
         for backend in ("onnx", "torchscript"):
             assert Segmenter(package, backend=backend).segment(frame).labels.shape == (90, 160)
     assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
+def test_resize_labels_equals_opencv_nearest():
+    """The row-sharing label resize gives OpenCV's INTER_NEAREST exactly, enlarging and shrinking."""
+    gen = np.random.default_rng(7)
+    sizes = [((112, 224), (1080, 1920)), ((512, 1024), (1080, 1920)), ((64, 64), (128, 256)),
+             ((60, 80), (480, 640)), ((1080, 1920), (112, 224)), ((7, 5), (7, 9)), ((1, 1), (3, 4))]
+    sizes += [(tuple(gen.integers(1, 300, 2)), tuple(gen.integers(1, 2100, 2))) for _ in range(200)]
+    for (sh, sw), (h, w) in sizes:
+        labels = gen.integers(0, 256, (sh, sw), dtype=np.uint8)
+        got = resize_labels(labels, (int(h), int(w)))
+        want = cv2.resize(labels, (int(w), int(h)), interpolation=cv2.INTER_NEAREST)
+        assert got.shape == want.shape and got.dtype == np.uint8
+        assert np.array_equal(got, want), ((sh, sw), (h, w))
+    same = gen.integers(0, 19, (30, 40), dtype=np.uint8)
+    assert resize_labels(same, (30, 40)) is same
