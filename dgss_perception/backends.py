@@ -97,11 +97,12 @@ class OnnxRuntimeBackend:
 
     def __init__(self, path: Path, input_names: list[str], output_names: list[str], device: str = "auto",
                  threads: int = 0, checksum: str | None = None, precision: str = "fp32",
-                 io_binding: bool | None = None) -> None:
+                 io_binding: bool | None = None, spin_wait: bool = False) -> None:
         """Open ``path`` and check its inputs and outputs against the card's names.
 
         ``io_binding``: bind inputs and outputs explicitly (None = only when the first provider is a GPU
         one, where it lets outputs stay on the device between graphs; on CPU it saves nothing).
+        ``spin_wait``: let the CPU thread pool busy-wait for work between and after operators.
         """
         try:
             import onnxruntime as ort
@@ -109,6 +110,9 @@ class OnnxRuntimeBackend:
             raise BackendError("the onnx backend needs onnxruntime (pip install onnxruntime)") from exc
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Off by default: spinning pool threads hold the cores after a run, while the caller still
+        # resizes and publishes on them (and, on a car, other processes want them).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         if threads > 0:
             options.intra_op_num_threads = threads
         cache = None

@@ -36,9 +36,11 @@ Raw floor, measured in the same run: per frame the work any node must do at thes
 a model. View the message buffer as an array (``np.frombuffer`` + reshape; for jpeg, decoding it),
 ``cv2.resize`` to the network size (bilinear), ``cv2.resize`` a network-size uint8 label map to
 the frame size (nearest), build a mono8 Image of the frame size and publish it (rclpy publisher,
-reliable, one subscriber in this process). Only these steps are timed; the next frame starts once
-the subscriber has the previous one. ``overhead_ratio`` = node overhead / raw floor median. Both
-sides end at ``publish()`` returning, so neither counts delivery to another process.
+reliable, one subscriber in another process, as the node's labels have). Only these steps are
+timed; the next frame starts once the subscriber has the previous one. ``overhead_ratio`` = node
+overhead / raw floor median. Both sides end at ``publish()`` returning, so neither counts the
+delivery itself. The same floor with the subscriber in this process, where Fast DDS skips its
+transport, is reported beside it (``subscriber_in_process_ms``).
 
 Compute floor: FLOPs per frame from the card's ``export.flops`` (``whole``; ``coarse``;
 ``coarse`` + mean windows refined × ``refine_per_window`` for coarse-to-fine; the card's windows ×
@@ -61,6 +63,7 @@ import json
 import math
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,7 +74,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .benchutil import device_info, log_tail, make_frames, start_node, stop_node, summarize_ms
+from .benchutil import child_env, device_info, log_tail, make_frames, start_node, stop_node, summarize_ms
 from .codec import MAX_PIXELS, compressed_to_rgb, encode_image_fields, encode_jpeg, image_to_rgb
 from .engine import BACKENDS, DEVICES
 
@@ -109,6 +112,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads (0 = runtime default)")
+    p.add_argument("--spin-wait", action="store_true",
+                   help="let ONNX Runtime's CPU threads busy-wait between operators, in the engine and the node "
+                        "(default: off, as the node's spin_wait parameter)")
     p.add_argument("--io-binding", choices=IO_BINDING, default="auto",
                    help="ONNX Runtime IO binding (default auto: on for CUDA/TensorRT, off on CPU)")
     p.add_argument("--inference-mode", choices=INFERENCE_MODES, default=None,
@@ -156,6 +162,8 @@ def command_line(args: argparse.Namespace) -> str:
     """The run as one explicit command line, defaults included, so a report says exactly what ran."""
     parts = ["dgss-perception", "bench", "--model", str(args.model), "--backend", args.backend, "--device",
              args.device, "--threads", str(args.threads), "--io-binding", args.io_binding]
+    if args.spin_wait:
+        parts.append("--spin-wait")
     if args.inference_mode:
         parts += ["--inference-mode", args.inference_mode]
     parts += ["--width", str(args.width), "--height", str(args.height), "--encoding", args.encoding,
@@ -393,32 +401,35 @@ def ros_messages(frames: list[np.ndarray], encoding: str) -> list[Any]:
 
 
 def bench_raw_floor(context: Any, messages: list[Any], encoding: str, width: int, height: int,
-                    network: tuple[int, int], frames: int) -> dict[str, Any]:
-    """The raw floor per frame (see the module docstring), over ``frames`` frames after a short warm-up."""
+                    network: tuple[int, int], frames: int, domain_id: int) -> dict[str, Any]:
+    """The raw floor per frame (see the module docstring), over ``frames`` frames after a short warm-up.
+
+    Measured twice: with the label image's subscriber in another process, as the node's labels go (the
+    figure the node is held to), and with it in this process, where Fast DDS hands the message over
+    without its transport (reported beside it).
+    """
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from sensor_msgs.msg import Image
+    from std_msgs.msg import Header
 
     from .node import image_message
 
     node = rclpy.create_node("bench_floor", context=context)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
-    delivered = [0]
     qos = _reliable()
-    try:
-        publisher = node.create_publisher(Image, f"{NAMESPACE}_floor/labels", qos)
-        node.create_subscription(Image, f"{NAMESPACE}_floor/labels",
-                                 lambda _: delivered.__setitem__(0, delivered[0] + 1), qos)
+    net_h, net_w = network
+    labels = np.random.default_rng(1).integers(0, 19, size=(net_h, net_w), dtype=np.uint8)
+    perf = time.perf_counter
+
+    def timed(publisher: Any, delivered: list[int], sink: Any = None) -> list[float]:
         deadline = time.monotonic() + 10.0
         while publisher.get_subscription_count() < 1:
-            if time.monotonic() > deadline:
-                raise BenchError("the raw floor's own subscriber did not match its publisher within 10 s")
+            if time.monotonic() > deadline or (sink is not None and sink.poll() is not None):
+                raise BenchError("the raw floor's subscriber did not match its publisher within 10 s")
             executor.spin_once(timeout_sec=0.05)
-        net_h, net_w = network
-        labels = np.random.default_rng(1).integers(0, 19, size=(net_h, net_w), dtype=np.uint8)
         times: list[float] = []
-        perf = time.perf_counter
         for i in range(FLOOR_WARMUP + frames):
             msg = messages[i % len(messages)]
             t0 = perf()
@@ -437,15 +448,58 @@ def bench_raw_floor(context: Any, messages: list[Any], encoding: str, width: int
             deadline = time.monotonic() + 5.0
             while delivered[0] <= i and time.monotonic() < deadline:
                 executor.spin_once(timeout_sec=0.05)
+        if delivered[0] < FLOOR_WARMUP + frames:
+            raise BenchError(f"the raw floor's subscriber received {delivered[0]} of {FLOOR_WARMUP + frames} frames")
+        return times
+
+    here, there = [0], [0]
+    sink = None
+    try:
+        topic = f"{NAMESPACE}_floor/labels"
+        publisher = node.create_publisher(Image, topic, qos)
+        node.create_subscription(Image, topic, lambda _: here.__setitem__(0, here[0] + 1), qos)
+        in_process = timed(publisher, here)
+        remote = f"{NAMESPACE}_floor/remote_labels"
+        node.create_subscription(Header, f"{remote}_received", lambda _: there.__setitem__(0, there[0] + 1), qos)
+        sink = subprocess.Popen([sys.executable, "-m", "dgss_perception.bench", "--label-sink", remote],
+                                env=child_env({"ROS_DOMAIN_ID": str(domain_id)}),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        other_process = timed(node.create_publisher(Image, remote, qos), there, sink)
     finally:
+        if sink is not None:
+            stop_node(sink)
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
     steps = ("decode the jpeg" if encoding == "jpeg" else "view the message buffer (np.frombuffer, reshape)",
              f"cv2.resize to the network size {net_w}x{net_h} (bilinear)",
              f"cv2.resize a {net_w}x{net_h} uint8 label map to {width}x{height} (nearest)",
-             f"build a {width}x{height} mono8 Image and publish it (reliable, one subscriber in this process)")
-    return {"frames": frames, "warmup": FLOOR_WARMUP, "ms": summarize_ms(times), "steps": list(steps),
-            "published": FLOOR_WARMUP + frames, "delivered": delivered[0]}
+             f"build a {width}x{height} mono8 Image and publish it (reliable, one subscriber in another process, "
+             "as the node's labels)")
+    return {"frames": frames, "warmup": FLOOR_WARMUP, "ms": summarize_ms(other_process), "steps": list(steps),
+            "published": FLOOR_WARMUP + frames, "delivered": there[0],
+            "subscriber_in_process_ms": summarize_ms(in_process)}
+
+
+def label_sink(topic: str) -> int:
+    """The raw floor's subscriber in another process: acknowledges each label image on ``<topic>_received``."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import Header
+
+    rclpy.init()
+    node = rclpy.create_node("bench_label_sink")
+    ack = node.create_publisher(Header, f"{topic}_received", _reliable())
+    node.create_subscription(Image, topic, lambda msg: ack.publish(msg.header), _reliable())
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
 
 
 def _reliable() -> Any:
@@ -620,7 +674,8 @@ class NodeDriver:
 def node_params(args: argparse.Namespace, model: Path) -> list[str]:
     """segment_node's parameters for this run."""
     params = [f"model:={model}", "qos_reliability:=reliable", "diagnostics_period:=0.5",
-              f"backend:={args.backend}", f"device:={args.device}", f"threads:={args.threads}"]
+              f"backend:={args.backend}", f"device:={args.device}", f"threads:={args.threads}",
+              f"spin_wait:={str(args.spin_wait).lower()}"]
     if args.encoding == "jpeg":
         params.append("image_transport:=compressed")
     if args.inference_mode:
@@ -693,7 +748,8 @@ def run_bench(args: argparse.Namespace) -> int:
         _check_args(args)
         model = args.model.resolve()
         segmenter = Segmenter(model, backend=args.backend, device=args.device, threads=args.threads,
-                              inference_mode=args.inference_mode, io_binding=IO_BINDING[args.io_binding])
+                              inference_mode=args.inference_mode, io_binding=IO_BINDING[args.io_binding],
+                              spin_wait=args.spin_wait)
     except (ValueError, FileExistsError, CardError, BackendError) as exc:  # CardError is a ValueError
         print(f"dgss-perception bench: error: {exc}", file=sys.stderr)
         return 2
@@ -710,6 +766,7 @@ def run_bench(args: argparse.Namespace) -> int:
                   "jpeg_quality": JPEG_QUALITY if args.encoding == "jpeg" else None, "pool": POOL_SIZE},
         "backend": {"name": segmenter.backend.name, "device": segmenter.backend.device,
                     "providers": getattr(segmenter.backend, "providers", None), "threads": args.threads,
+                    "spin_wait": args.spin_wait,
                     "io_binding": getattr(segmenter.backend, "io_binding", None),
                     "graphs": list(segmenter.backends)},
         "definitions": definitions(),
@@ -739,7 +796,7 @@ def run_bench(args: argparse.Namespace) -> int:
             messages = ros_messages(frames, args.encoding)
             try:
                 report["raw_floor"] = bench_raw_floor(context, messages, args.encoding, args.width, args.height,
-                                                      (card.input_height, card.input_width), args.frames)
+                                                      (card.input_height, card.input_width), args.frames, domain_id)
             except BenchError as exc:
                 report["error"] = f"raw floor: {exc}"
                 code = 1
@@ -776,7 +833,8 @@ def definitions() -> dict[str, str]:
                          "inference_median_ms, from its diagnostics once it has counted the closed loop",
         "raw_floor": "per frame, no model: view the message buffer (jpeg: decode), resize to the network size "
                      "(bilinear), resize a network-size uint8 label map to the frame size (nearest), build and "
-                     "publish a mono8 Image (reliable, one subscriber in this process)",
+                     "publish a mono8 Image (reliable, one subscriber in another process, as the node's labels; "
+                     "subscriber_in_process_ms: the same with the subscriber in this process)",
         "overhead_ratio": "node overhead / raw floor median",
         "compute_floor": "FLOPs per frame (card export.flops; coarse + mean windows refined × refine_per_window "
                          "for coarse_to_fine) / device matrix throughput at the package's precision; "
@@ -816,7 +874,7 @@ def format_table(r: dict[str, Any]) -> str:
         f"bench  {pkg['name']} ({pkg['family']}, {pkg['mode']}, {pkg['precision']}, network "
         f"{pkg['network']['width']}x{pkg['network']['height']}) · {inp['width']}x{inp['height']} {inp['encoding']}"
         f" · {be['name']}/{be['device']}" + (f" ({', '.join(be['providers'])})" if be["providers"] else "")
-        + f", threads {be['threads'] or 'default'}",
+        + f", threads {be['threads'] or 'default'}" + (", spin-wait" if be.get("spin_wait") else ""),
         f"device {dev['summary']}; GPU: {', '.join(dev['gpus']) or 'none'}",
         f"date   {r['date']}",
         "",
@@ -882,3 +940,9 @@ def write_report(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as f:
         f.write(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":  # the raw floor's subscriber process: python -m dgss_perception.bench --label-sink TOPIC
+    if sys.argv[1:2] != ["--label-sink"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m dgss_perception.bench --label-sink TOPIC (dgss-perception bench runs the benchmark)")
+    sys.exit(label_sink(sys.argv[2]))

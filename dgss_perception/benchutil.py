@@ -92,6 +92,13 @@ def device_info() -> dict[str, Any]:
             "cores": os.cpu_count(), "cores_usable": usable, "gpus": gpu_names(), "python": platform.python_version()}
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus ``extra``, with this checkout's package first on PYTHONPATH."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def start_node(params: list[str], namespace: str, log_path: Path, cwd: Path | None = None,
                env: dict[str, str] | None = None) -> subprocess.Popen:
     """segment_node as ``ros2 run`` would start it, with ``-p`` parameters and a namespace.
@@ -100,14 +107,12 @@ def start_node(params: list[str], namespace: str, log_path: Path, cwd: Path | No
     runs its own node without being installed. ``env`` adds to this process's environment.
     Output goes to ``log_path``.
     """
-    env = {**os.environ, **(env or {})}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "dgss_perception.node", "--ros-args", "-r", f"__ns:={namespace}"]
     for p in params:
         cmd += ["-p", p]
     log = open(log_path, "w")
     try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(env),
                                 cwd=None if cwd is None else str(cwd))
     finally:
         log.close()  # the child holds its own descriptor

@@ -56,7 +56,9 @@ def test_engine_only(tmp_path, tiny_model_dir, ros_domain_id, capsys, encoding):
     assert report["engine"]["windows_refined_mean"] is None
     floor = report["raw_floor"]
     check_summary(floor["ms"], 8)
+    check_summary(floor["subscriber_in_process_ms"], 8)
     assert floor["delivered"] == floor["published"] == 8 + floor["warmup"]
+    assert "another process" in floor["steps"][-1]
     cf = report["compute_floor"]
     assert cf["peak_source"] == "given" and cf["peak_gflops_used"] == 50
     flops = json.loads((tiny_model_dir / "card.json").read_text())["export"].get("flops")
