@@ -137,6 +137,7 @@ class Camera:
     info_subscription: Any = None
     camera_info: CameraInfo | None = None
     pending: tuple[Any, float] | None = None
+    sent: dict[str, Image] = field(default_factory=dict)  # per image output, its last message (buffer reused)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("received", "processed", "dropped", "malformed", "errors", "idle"), 0))
 
@@ -362,23 +363,28 @@ class SegmentationMixin:
                 self._done_times.append(now)
 
     def _publish(self, cam: Camera, header: Any, rgb: np.ndarray, result: Any) -> None:
-        pubs = cam.publishers
+        wanted = {name: pub.get_subscription_count() > 0 for name, pub in cam.publishers.items()}
         labels = result.labels
-        if pubs["labels"].get_subscription_count():
-            pubs["labels"].publish(image_message(header, labels, "mono8"))
-        if pubs["labels/color"].get_subscription_count() or pubs["labels/overlay"].get_subscription_count():
+        if wanted["labels"]:
+            self._publish_image(cam, "labels", header, labels, "mono8")
+        if wanted["labels/color"] or wanted["labels/overlay"]:
             color = colorize(labels, self.lut)
-            if pubs["labels/color"].get_subscription_count():
-                pubs["labels/color"].publish(image_message(header, color, "rgb8"))
-            if pubs["labels/overlay"].get_subscription_count():
+            if wanted["labels/color"]:
+                self._publish_image(cam, "labels/color", header, color, "rgb8")
+            if wanted["labels/overlay"]:
                 base = rgb if color.shape == rgb.shape else _resize_like(rgb, color)
-                pubs["labels/overlay"].publish(
-                    image_message(header, overlay(base, color, self.params["overlay_alpha"]), "rgb8"))
-        if pubs["labels/confidence"].get_subscription_count():
-            pubs["labels/confidence"].publish(image_message(header, confidence_to_mono8(result.confidence), "mono8"))
+                self._publish_image(cam, "labels/overlay", header, overlay(base, color, self.params["overlay_alpha"]),
+                                    "rgb8")
+        if wanted["labels/confidence"]:
+            self._publish_image(cam, "labels/confidence", header, confidence_to_mono8(result.confidence), "mono8")
         info = cam.camera_info
-        if info is not None and pubs["labels/camera_info"].get_subscription_count():
-            pubs["labels/camera_info"].publish(scaled_camera_info(info, header, *labels.shape))
+        if info is not None and wanted["labels/camera_info"]:
+            cam.publishers["labels/camera_info"].publish(scaled_camera_info(info, header, *labels.shape))
+
+    def _publish_image(self, cam: Camera, output: str, header: Any, pixels: np.ndarray, encoding: str) -> None:
+        """Publish pixels on one of the camera's image outputs, in the message buffer that output used last."""
+        msg = cam.sent[output] = image_message(header, pixels, encoding, cam.sent.get(output))
+        cam.publishers[output].publish(msg)
 
     def _count(self, cam: Camera, counter: str) -> None:
         with self._cv:
@@ -488,12 +494,23 @@ class LifecycleSegmentNode(SegmentationMixin, LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
 
-def image_message(header: Any, pixels: np.ndarray, encoding: str) -> Image:
-    """A sensor_msgs/Image holding ``pixels`` with ``header`` copied."""
+def image_message(header: Any, pixels: np.ndarray, encoding: str, reuse: Image | None = None) -> Image:
+    """A sensor_msgs/Image holding ``pixels`` with ``header`` copied.
+
+    ``reuse``: an Image published before (publishing converts it synchronously, so it is free again)
+    whose buffer is filled in place when its size and encoding match; a fresh 1080p buffer costs
+    page faults and an allocation each frame, an in-place copy does not.
+    """
     fields = encode_image_fields(pixels, encoding)
-    data = array.array("B")
-    data.frombytes(fields.pop("data").data)  # one copy; a list or bytes would be checked per element
-    return Image(header=header, data=data, **fields)
+    data = fields.pop("data")
+    if (reuse is not None and reuse.encoding == encoding and (reuse.height, reuse.width, reuse.step)
+            == (fields["height"], fields["width"], fields["step"]) and len(reuse.data) == data.size):
+        np.frombuffer(reuse.data, np.uint8)[:] = data
+        reuse.header = header
+        return reuse
+    buffer = array.array("B")
+    buffer.frombytes(data.data)  # one copy; a list or bytes would be checked per element
+    return Image(header=header, data=buffer, **fields)
 
 
 def scaled_camera_info(info: CameraInfo, header: Any, height: int, width: int) -> CameraInfo:

@@ -15,6 +15,7 @@ from std_msgs.msg import Header
 
 from dgss_perception.codec import encode_jpeg, image_to_rgb, compressed_to_rgb
 from dgss_perception.engine import Segmenter
+from dgss_perception.node import image_message
 
 from rosutil import RELIABLE, Collector, Spinner, init_context, start_node_process, stop_process, wait_for
 
@@ -100,6 +101,29 @@ def test_labels_equal_engine_and_header_copied(raw_node, engine, encoding, width
     assert (out.height, out.width) == (height, width)
     expected = engine.segment(image_to_rgb(msg)).labels
     np.testing.assert_array_equal(labels_array(out), expected)
+
+
+def test_same_size_frames_each_get_their_own_labels(raw_node, engine):
+    """The label message's buffer is refilled per frame: consecutive frames of one size never mix."""
+    for stamp in (7001, 7002, 7003):
+        msg = make_image(stamp, 160, 90, "rgb8")
+        out = raw_node.send(msg)
+        assert out.header.stamp.sec == stamp
+        np.testing.assert_array_equal(labels_array(out), engine.segment(image_to_rgb(msg)).labels)
+
+
+def test_image_message_refills_a_matching_message():
+    gen = np.random.default_rng(3)
+    first, second = (gen.integers(0, 19, (6, 10), dtype=np.uint8) for _ in range(2))
+    a = image_message(Header(frame_id="a"), first, "mono8")
+    b = image_message(Header(frame_id="b"), second, "mono8", reuse=a)
+    assert b is a and b.header.frame_id == "b"
+    np.testing.assert_array_equal(np.frombuffer(b.data, np.uint8).reshape(6, 10), second)
+    # Another size or encoding: a new message, the old one untouched.
+    c = image_message(Header(), second[:5], "mono8", reuse=b)
+    d = image_message(Header(), np.stack([second] * 3, axis=-1), "rgb8", reuse=b)
+    assert c is not b and d is not b and (c.height, d.encoding) == (5, "rgb8")
+    np.testing.assert_array_equal(np.frombuffer(b.data, np.uint8).reshape(6, 10), second)
 
 
 def test_colour_and_confidence_published_when_subscribed(raw_node):
