@@ -19,7 +19,7 @@ from training.checkpoint import load_state_dict_file
 from training.config import config_from_dict, load_config
 from training.data.datasets import acdc_samples, cityscapes_samples, read_train_ids
 from training.export import compare, export_package, load_export_model
-from training.export_wrappers import SegmentationGraph
+from training.export_wrappers import SegmentationGraph, labels_and_confidence
 from training.models.deconv_head import DeconvHead
 from training.objectives import segmentation_loss
 from training.train import set_trainable, train
@@ -188,6 +188,18 @@ def test_export_at_other_size_and_logits_kind(tmp_path, tiny_model_dir):
     assert np.abs(a.confidence - b.confidence).max() < 1e-4
     with pytest.raises(FileExistsError):
         export_package(cfg, tmp_path / "w.safetensors", tmp_path / "big")
+
+
+def test_labels_and_confidence_equal_softmax_max():
+    """The graphs' 1 / Σ exp(l − max) confidence and argmax equal softmax(...).max() (the plain form)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 19, 33, 47, generator=gen) * 6
+    logits[0, 4, :5] = logits[0, 7, :5] = 50.0  # exact ties: both forms take the first class
+    labels, confidence = labels_and_confidence(logits)
+    ref_confidence, ref_labels = torch.softmax(logits, dim=1).max(dim=1)
+    assert labels.dtype == torch.uint8 and confidence.dtype == torch.float32
+    assert torch.equal(labels, ref_labels.to(torch.uint8)) and (labels[0, :5] == 4).all()
+    assert torch.allclose(confidence, ref_confidence, atol=1e-6, rtol=0)
 
 
 def test_parity_check_detects_a_wrong_graph(tmp_path):
