@@ -80,6 +80,9 @@ from .codec import MAX_PIXELS, compressed_to_rgb, encode_image_fields, encode_jp
 from .engine import BACKENDS, DEVICES
 
 ENCODINGS = ("rgb8", "bgr8", "jpeg")
+# Environment that changes how DDS moves large messages; recorded in each report.
+DDS_ENV = ("RMW_IMPLEMENTATION", "FASTDDS_BUILTIN_TRANSPORTS", "FASTDDS_DEFAULT_PROFILES_FILE",
+           "FASTRTPS_DEFAULT_PROFILES_FILE", "CYCLONEDDS_URI", "ROS_LOCALHOST_ONLY", "ROS_AUTOMATIC_DISCOVERY_RANGE")
 INFERENCE_MODES = ("whole", "coarse", "coarse_to_fine", "slide")
 IO_BINDING = {"auto": None, "on": True, "off": False}  # --io-binding → Segmenter(io_binding=…)
 STAGES = ("decode", "preprocess", "inference", "postprocess", "encode")
@@ -784,7 +787,7 @@ def run_bench(args: argparse.Namespace) -> int:
     del segmenter
     report["compute_floor"] = compute_floor(card, mode, report["engine"], device, args.peak_gflops)
     code = 0
-    report["raw_floor"] = report["node"] = None
+    report["raw_floor"] = report["node"] = report["dds"] = None
     report["error"] = None
     try:
         import rclpy
@@ -792,6 +795,9 @@ def run_bench(args: argparse.Namespace) -> int:
         report["error"] = f"rclpy is not importable ({exc}): no raw floor and no node figures"
         code = 1 if args.node else 0
     else:
+        # The transport's settings decide the DDS figures as much as the node does (config/fastdds_large_images.xml).
+        report["dds"] = {"rmw": rclpy.get_rmw_implementation_identifier(),
+                         "env": {k: os.environ[k] for k in DDS_ENV if os.environ.get(k)}}
         domain_id = int(os.environ.get("ROS_DOMAIN_ID", "") or 1 + os.getpid() % 100)
         context = rclpy.Context()
         rclpy.init(context=context, domain_id=domain_id)
@@ -914,8 +920,10 @@ def format_table(r: dict[str, Any]) -> str:
     if node and "max_throughput" in node:
         mt, ar, ov = node["max_throughput"], node["latency_at_rate"], node["overhead"]
         lat_mt, lat_ar = mt["latency_ms"], ar["latency_ms"]
+        dds = r.get("dds") or {}
+        settings = ", ".join(f"{k}={v}" for k, v in dds.get("env", {}).items()) or "default transports"
         lines += [
-            f"node over DDS ({node['qos']}, {node['warmup_frames']} warm-up frames)",
+            f"node over DDS ({node['qos']}, {node['warmup_frames']} warm-up frames; {dds.get('rmw')}, {settings})",
             f"  max throughput     {_fmt(mt['throughput_fps'], 1)} frames/s closed loop; latency median "
             f"{_fmt(lat_mt['median'])}, p90 {_fmt(lat_mt['p90'])}, p99 {_fmt(lat_mt['p99'])} ms "
             f"({mt['received']}/{mt['sent']} frames)",
