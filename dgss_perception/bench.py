@@ -94,6 +94,7 @@ NODE_WARMUP_MAX = 20  # closed-loop frames before the node's figures: its first 
 NODE_START_TIMEOUT_S = 120.0
 FRAME_TIMEOUT_S = 60.0  # a frame's labels later than this: the node is not segmenting
 FLOOR_WARMUP = 5
+FLOOR_MATCH_TIMEOUT_S = 30.0
 SCHEMA = "dgss_perception.bench/1"
 # The CPU goal this run informs: node overhead per frame within this factor of the raw floor.
 OVERHEAD_GOAL = 1.5
@@ -427,11 +428,18 @@ def bench_raw_floor(context: Any, messages: list[Any], encoding: str, width: int
     labels = np.random.default_rng(1).integers(0, 19, size=(net_h, net_w), dtype=np.uint8)
     perf = time.perf_counter
 
-    def timed(publisher: Any, delivered: list[int], sink: Any = None) -> list[float]:
-        deadline = time.monotonic() + 10.0
+    def check_sink(sink: Any, log: Path | None) -> None:
+        if sink is not None and sink.poll() is not None:
+            raise BenchError(f"the raw floor's subscriber process exited with {sink.returncode}:\n{log_tail(log)}")
+
+    def timed(publisher: Any, delivered: list[int], sink: Any = None, log: Path | None = None) -> list[float]:
+        # A fresh interpreter importing rclpy and discovering on a loaded small machine: allow it time.
+        deadline = time.monotonic() + FLOOR_MATCH_TIMEOUT_S
         while publisher.get_subscription_count() < 1:
-            if time.monotonic() > deadline or (sink is not None and sink.poll() is not None):
-                raise BenchError("the raw floor's subscriber did not match its publisher within 10 s")
+            check_sink(sink, log)
+            if time.monotonic() > deadline:
+                raise BenchError(f"the raw floor's subscriber did not match its publisher within "
+                                 f"{FLOOR_MATCH_TIMEOUT_S:.0f} s" + (f":\n{log_tail(log)}" if log else ""))
             executor.spin_once(timeout_sec=0.05)
         times: list[float] = []
         sent = None
@@ -452,14 +460,20 @@ def bench_raw_floor(context: Any, messages: list[Any], encoding: str, width: int
             # One frame in flight, as the node's closed loop: the transport's background work for this frame
             # (and the subscriber taking it) ends outside the timed part instead of slowing the next frame.
             deadline = time.monotonic() + 5.0
-            while delivered[0] <= i and time.monotonic() < deadline:
+            while delivered[0] <= i:
+                check_sink(sink, log)
+                if time.monotonic() > deadline:  # a lost frame or acknowledgement: every later wait would time out too
+                    raise BenchError(f"the raw floor's subscriber received {delivered[0]} of {i + 1} frames "
+                                     "within 5 s of the last")
                 executor.spin_once(timeout_sec=0.05)
-        if delivered[0] < FLOOR_WARMUP + frames:
-            raise BenchError(f"the raw floor's subscriber received {delivered[0]} of {FLOOR_WARMUP + frames} frames")
         return times
 
     here, there = [0], [0]
     sink = None
+    fd, log_name = tempfile.mkstemp(prefix="bench_label_sink_", suffix=".log")
+    os.close(fd)
+    log = Path(log_name)
+    failed = True
     try:
         topic = f"{NAMESPACE}_floor/labels"
         publisher = node.create_publisher(Image, topic, qos)
@@ -467,15 +481,18 @@ def bench_raw_floor(context: Any, messages: list[Any], encoding: str, width: int
         in_process = timed(publisher, here)
         remote = f"{NAMESPACE}_floor/remote_labels"
         node.create_subscription(Header, f"{remote}_received", lambda _: there.__setitem__(0, there[0] + 1), qos)
-        sink = subprocess.Popen([sys.executable, "-m", "dgss_perception.bench", "--label-sink", remote],
-                                env=child_env({"ROS_DOMAIN_ID": str(domain_id)}),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        other_process = timed(node.create_publisher(Image, remote, qos), there, sink)
+        with open(log, "w") as out:
+            sink = subprocess.Popen(label_sink_command(remote), env=child_env({"ROS_DOMAIN_ID": str(domain_id)}),
+                                    stdout=out, stderr=subprocess.STDOUT)
+        other_process = timed(node.create_publisher(Image, remote, qos), there, sink, log)
+        failed = False
     finally:
         if sink is not None:
             stop_node(sink)
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
+        if not failed:
+            log.unlink(missing_ok=True)  # kept only when something went wrong
     steps = ("decode the jpeg" if encoding == "jpeg" else "view the message buffer (np.frombuffer, reshape)",
              f"cv2.resize to the network size {net_w}x{net_h} (bilinear)",
              f"cv2.resize a {net_w}x{net_h} uint8 label map to {width}x{height} (nearest)",
@@ -484,6 +501,11 @@ def bench_raw_floor(context: Any, messages: list[Any], encoding: str, width: int
     return {"frames": frames, "warmup": FLOOR_WARMUP, "ms": summarize_ms(other_process), "steps": list(steps),
             "published": FLOOR_WARMUP + frames, "delivered": there[0],
             "subscriber_in_process_ms": summarize_ms(in_process)}
+
+
+def label_sink_command(topic: str) -> list[str]:
+    """The command line of the raw floor's subscriber process (:func:`label_sink`)."""
+    return [sys.executable, "-m", "dgss_perception.bench", "--label-sink", topic]
 
 
 def label_sink(topic: str) -> int:
@@ -495,9 +517,21 @@ def label_sink(topic: str) -> int:
 
     rclpy.init()
     node = rclpy.create_node("bench_label_sink")
-    ack = node.create_publisher(Header, f"{topic}_received", _reliable())
-    node.create_subscription(Image, topic, lambda msg: ack.publish(msg.header), _reliable())
+    parent = os.getppid()
     try:
+        ack = node.create_publisher(Header, f"{topic}_received", _reliable())
+        # Images only once the acknowledgements have a reader: an acknowledgement sent before that is lost.
+        while ack.get_subscription_count() < 1:
+            if os.getppid() != parent:
+                return 1
+            rclpy.spin_once(node, timeout_sec=0.05)
+        node.create_subscription(Image, topic, lambda msg: ack.publish(msg.header), _reliable())
+
+        def orphaned() -> None:  # the bench was killed without stopping this process
+            if os.getppid() != parent:
+                raise SystemExit(1)
+
+        node.create_timer(1.0, orphaned)
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

@@ -364,6 +364,8 @@ class SegmentationMixin:
 
     def _publish(self, cam: Camera, header: Any, rgb: np.ndarray, result: Any) -> None:
         wanted = {name: pub.get_subscription_count() > 0 for name, pub in cam.publishers.items()}
+        for output in [o for o in cam.sent if not wanted[o]]:
+            del cam.sent[output]  # its buffer (up to 6 MB at 1080p) is not kept for an output nobody reads
         labels = result.labels
         if wanted["labels"]:
             self._publish_image(cam, "labels", header, labels, "mono8")

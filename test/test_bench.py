@@ -232,6 +232,20 @@ def test_node_that_does_not_start_exits_1(tmp_path, tiny_model_dir, ros_domain_i
     check_engine(report, 2)  # the engine figures are still reported
 
 
+def test_raw_floor_reports_a_dead_subscriber_process(tmp_path, tiny_model_dir, ros_domain_id, monkeypatch):
+    """The floor's subscriber in another process fails: a clear error with its output, no hang, exit 1."""
+    monkeypatch.setattr(bench, "label_sink_command",
+                        lambda topic: [sys.executable, "-c", "print('sink cannot start'); raise SystemExit(3)"])
+    out = tmp_path / "bench.json"
+    code = run(["--model", str(tiny_model_dir), "--width", "64", "--height", "48", "--frames", "2", "--warmup", "0",
+                "--no-node", "--peak-gflops", "50", "--json", str(out)])
+    assert code == 1
+    report = json.loads(out.read_text())
+    assert report["raw_floor"] is None
+    assert "subscriber process exited with 3" in report["error"] and "sink cannot start" in report["error"]
+    check_engine(report, 2)
+
+
 def test_json_is_never_overwritten(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "bench.json"
     out.write_text("keep me")
