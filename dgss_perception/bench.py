@@ -34,14 +34,14 @@ These are the two figures ros2_benchmark reports: max throughput (fps) and laten
 
 Raw floor, measured in the same run: per frame the work any node must do at these sizes without
 a model. View the message buffer as an array (``np.frombuffer`` + reshape; for jpeg, decoding it),
-``cv2.resize`` to the network size (bilinear), ``cv2.resize`` a network-size uint8 label map to
-the frame size (nearest), copy it into a mono8 Image (one message refilled each frame, as the
-node does) and publish it (rclpy publisher, reliable, one subscriber in another process, as the
-node's labels have). Only these steps are timed; the next frame starts once the subscriber has
-the previous one. ``overhead_ratio`` = node overhead / raw floor median. Both sides end at
-``publish()`` returning, so neither counts the delivery itself. The same floor with the
-subscriber in this process, where Fast DDS skips its transport, is reported beside it
-(``subscriber_in_process_ms``).
+``cv2.resize`` to the network size (bilinear), resize a network-size uint8 label map to the
+frame size (nearest, by the engine's own ``resize_labels``), copy it into a mono8 Image (one
+message refilled each frame, as the node does) and publish it (rclpy publisher, reliable, one
+subscriber in another process, as the node's labels have). Only these steps are timed; the next
+frame starts once the subscriber has the previous one. ``overhead_ratio`` = node overhead / raw
+floor median. Both sides end at ``publish()`` returning, so neither counts the delivery itself.
+The same floor with the subscriber in this process, where Fast DDS skips its transport, is
+reported beside it (``subscriber_in_process_ms``).
 
 Compute floor: FLOPs per frame from the card's ``export.flops`` (``whole``; ``coarse``;
 ``coarse`` + mean windows refined × ``refine_per_window`` for coarse-to-fine; the card's windows ×
@@ -77,7 +77,7 @@ import numpy as np
 
 from .benchutil import child_env, device_info, log_tail, make_frames, start_node, stop_node, summarize_ms
 from .codec import MAX_PIXELS, compressed_to_rgb, encode_image_fields, encode_jpeg, image_to_rgb
-from .engine import BACKENDS, DEVICES
+from .engine import BACKENDS, DEVICES, resize_labels
 
 ENCODINGS = ("rgb8", "bgr8", "jpeg")
 # Environment that changes how DDS moves large messages; recorded in each report.
@@ -451,7 +451,7 @@ def bench_raw_floor(context: Any, messages: list[Any], encoding: str, width: int
             else:
                 pixels = np.frombuffer(msg.data, np.uint8).reshape(height, width, 3)
             cv2.resize(pixels, (net_w, net_h), interpolation=cv2.INTER_LINEAR)
-            full = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+            full = resize_labels(labels, (height, width))  # the engine's nearest-neighbour resize
             sent = image_message(msg.header, full, "mono8", sent)  # one message buffer refilled, as the node does
             publisher.publish(sent)
             t1 = perf()
@@ -495,7 +495,7 @@ def bench_raw_floor(context: Any, messages: list[Any], encoding: str, width: int
             log.unlink(missing_ok=True)  # kept only when something went wrong
     steps = ("decode the jpeg" if encoding == "jpeg" else "view the message buffer (np.frombuffer, reshape)",
              f"cv2.resize to the network size {net_w}x{net_h} (bilinear)",
-             f"cv2.resize a {net_w}x{net_h} uint8 label map to {width}x{height} (nearest)",
+             f"resize a {net_w}x{net_h} uint8 label map to {width}x{height} (nearest, engine.resize_labels)",
              f"copy it into a {width}x{height} mono8 Image (one buffer refilled) and publish it (reliable, one "
              "subscriber in another process, as the node's labels)")
     return {"frames": frames, "warmup": FLOOR_WARMUP, "ms": summarize_ms(other_process), "steps": list(steps),
@@ -875,10 +875,10 @@ def definitions() -> dict[str, str]:
         "node_overhead": "node latency_median_ms (receipt in its callback → labels published) − its "
                          "inference_median_ms, from its diagnostics once it has counted the closed loop",
         "raw_floor": "per frame, no model: view the message buffer (jpeg: decode), resize to the network size "
-                     "(bilinear), resize a network-size uint8 label map to the frame size (nearest), copy it into "
-                     "a mono8 Image (one buffer refilled) and publish it (reliable, one subscriber in another "
-                     "process, as the node's labels; subscriber_in_process_ms: the same with the subscriber in "
-                     "this process)",
+                     "(bilinear), resize a network-size uint8 label map to the frame size (nearest, resize_labels), "
+                     "copy it into a mono8 Image (one buffer refilled) and publish it (reliable, one subscriber in "
+                     "another process, as the node's labels; subscriber_in_process_ms: the same with the subscriber "
+                     "in this process)",
         "overhead_ratio": "node overhead / raw floor median",
         "compute_floor": "FLOPs per frame (card export.flops; coarse + mean windows refined × refine_per_window "
                          "for coarse_to_fine) / device matrix throughput at the package's precision; "

@@ -298,8 +298,7 @@ class SlideGraph(nn.Module):
     The frame comes at the working size. The windows (a constant table) are cut in the graph and run
     ``chunk`` at a time (fewer bound the device memory; the chunks share the weights); their scores
     are averaged where windows overlap and reduced to labels, so neither the windows' scores
-    (K×C×w×w floats) nor the frame's logits leave
-    the device.
+    (K×C×w×w floats) nor the frame's logits leave the device.
     """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
