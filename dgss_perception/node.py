@@ -84,6 +84,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "spin_wait": (False, "ONNX Runtime CPU threads busy-wait between operators (slightly faster inference; the "
                          "cores stay busy after each run, slowing the node's own work and other processes)"),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
+    "stats_window": (300, "frames over which /diagnostics takes its latency, inference and overhead statistics"),
 }
 
 
@@ -112,6 +113,7 @@ def read_parameters(node: Node) -> dict[str, Any]:
         (float(p["diagnostics_period"]) > 0, "diagnostics_period must be positive"),
         (isinstance(p["threads"], int) and p["threads"] >= 0, "threads must be ≥ 0"),
         (isinstance(p["window_batch"], int) and p["window_batch"] >= 0, "window_batch must be ≥ 0"),
+        (isinstance(p["stats_window"], int) and p["stats_window"] >= 1, "stats_window must be ≥ 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -142,7 +144,23 @@ class Camera:
         ("received", "processed", "dropped", "malformed", "errors", "idle"), 0))
 
     def wanted(self) -> bool:
-        return any(pub.get_subscription_count() > 0 for pub in self.publishers.values())
+        return any(self.wanted_outputs().values())
+
+    def wanted_outputs(self) -> dict[str, bool]:
+        """Per output, whether anything subscribes to it now."""
+        return {name: pub.get_subscription_count() > 0 for name, pub in self.publishers.items()}
+
+    def label_buffer(self, size: tuple[int, int]) -> np.ndarray | None:
+        """The last published label message's buffer as a writable (h, w) array when it has that size.
+
+        Publishing converts a message synchronously, so its buffer is free once ``publish`` returns; the
+        engine writes the next labels straight into it and nothing copies them again.
+        """
+        msg = self.sent.get("labels")
+        h, w = size
+        if msg is None or (msg.height, msg.width, msg.step, msg.encoding) != (h, w, w, "mono8"):
+            return None
+        return np.frombuffer(msg.data, np.uint8).reshape(h, w)
 
 
 class SegmentationMixin:
@@ -208,10 +226,12 @@ class SegmentationMixin:
         self._cv = threading.Condition()
         self._stopping = False
         self._active = False
-        self._latencies: deque[float] = deque(maxlen=300)
-        self._inference: deque[float] = deque(maxlen=300)
+        window = p["stats_window"]
+        self._latencies: deque[float] = deque(maxlen=window)
+        self._inference: deque[float] = deque(maxlen=window)
+        self._overhead: deque[float] = deque(maxlen=window)  # per frame: its latency − its inference
         self._done_times: deque[float] = deque(maxlen=300)
-        self._batches: deque[int] = deque(maxlen=300)
+        self._batches: deque[int] = deque(maxlen=window)
         self._last_problem = ""
         self._worker = threading.Thread(target=self._work, name="segment_worker", daemon=True)
         self._worker.start()
@@ -324,8 +344,8 @@ class SegmentationMixin:
                     cam.pending = None
             self._process(taken)
 
-    def _decode(self, cam: Camera, msg: Any) -> np.ndarray | None:
-        if not cam.wanted():  # only reachable with lazy off, or between a subscriber leaving and the next check
+    def _decode(self, cam: Camera, msg: Any, wanted: dict[str, bool]) -> np.ndarray | None:
+        if not any(wanted.values()):  # only with lazy off, or between a subscriber leaving and the next check
             self._count(cam, "idle")
             return None
         try:
@@ -337,33 +357,40 @@ class SegmentationMixin:
 
     def _process(self, taken: list[tuple[Camera, Any, float]]) -> None:
         """decode → engine (one batch) → encode → publish, per camera."""
-        frames = [(cam, msg, received, rgb) for cam, msg, received in taken
-                  if (rgb := self._decode(cam, msg)) is not None]
+        frames = []
+        for cam, msg, received in taken:
+            wanted = cam.wanted_outputs()  # once per frame: each count is a call into the middleware
+            rgb = self._decode(cam, msg, wanted)
+            if rgb is not None:
+                frames.append((cam, msg, received, rgb, wanted))
         if not frames:
             return
+        out = [cam.label_buffer(self.segmenter.output_size(rgb.shape[:2])) if wanted["labels"] else None
+               for cam, _, _, rgb, wanted in frames]
         try:
-            results = self.segmenter.segment_batch([f[3] for f in frames])
+            results = self.segmenter.segment_batch([f[3] for f in frames], out)
             with self._cv:
                 self._batches.append(len(frames))
         except Exception as exc:  # the node outlives any single bad batch
             for cam, *_ in frames:
                 self._problem(cam, "errors", f"segmentation failed: {type(exc).__name__}: {exc}")
             return
-        for (cam, msg, received, rgb), result in zip(frames, results):
+        for (cam, msg, received, rgb, wanted), result in zip(frames, results):
             try:
-                self._publish(cam, msg.header, rgb, result)
+                self._publish(cam, msg.header, rgb, result, wanted)
             except Exception as exc:
                 self._problem(cam, "errors", f"publishing failed: {type(exc).__name__}: {exc}")
                 continue
             now = time.monotonic()
+            latency, inference = (now - received) * 1e3, result.timings_ms["inference"]
             with self._cv:
                 cam.counters["processed"] += 1
-                self._latencies.append((now - received) * 1e3)
-                self._inference.append(result.timings_ms["inference"])
+                self._latencies.append(latency)
+                self._inference.append(inference)
+                self._overhead.append(latency - inference)
                 self._done_times.append(now)
 
-    def _publish(self, cam: Camera, header: Any, rgb: np.ndarray, result: Any) -> None:
-        wanted = {name: pub.get_subscription_count() > 0 for name, pub in cam.publishers.items()}
+    def _publish(self, cam: Camera, header: Any, rgb: np.ndarray, result: Any, wanted: dict[str, bool]) -> None:
         for output in [o for o in cam.sent if not wanted[o]]:
             del cam.sent[output]  # its buffer (up to 6 MB at 1080p) is not kept for an output nobody reads
         labels = result.labels
@@ -402,6 +429,7 @@ class SegmentationMixin:
         with self._cv:
             per_camera = {c.prefix.rstrip("/"): dict(c.counters) for c in self.cameras}
             latencies, inference, done = list(self._latencies), list(self._inference), list(self._done_times)
+            overhead = list(self._overhead)
             batches = list(self._batches)
             problem = self._last_problem
         counters = {k: sum(c[k] for c in per_camera.values()) for k in next(iter(per_camera.values()))}
@@ -422,6 +450,8 @@ class SegmentationMixin:
             latency_median_ms=f"{statistics.median(latencies):.2f}" if latencies else "nan",
             latency_max_ms=f"{max(latencies):.2f}" if latencies else "nan",
             inference_median_ms=f"{statistics.median(inference):.2f}" if inference else "nan",
+            overhead_median_ms=f"{statistics.median(overhead):.3f}" if overhead else "nan",
+            stats_frames=str(len(latencies)),
             batch_mean=f"{statistics.mean(batches):.2f}" if batches else "nan",
             backend=f"{self.segmenter.backend.name}/{self.segmenter.backend.device}",
             inference_mode=self.segmenter.mode,
@@ -507,7 +537,9 @@ def image_message(header: Any, pixels: np.ndarray, encoding: str, reuse: Image |
     data = fields.pop("data")
     if (reuse is not None and reuse.encoding == encoding and (reuse.height, reuse.width, reuse.step)
             == (fields["height"], fields["width"], fields["step"]) and len(reuse.data) == data.size):
-        np.frombuffer(reuse.data, np.uint8)[:] = data
+        buffer = np.frombuffer(reuse.data, np.uint8)
+        if buffer.ctypes.data != data.ctypes.data:  # pixels written straight into it need no copy
+            buffer[:] = data
         reuse.header = header
         return reuse
     buffer = array.array("B")

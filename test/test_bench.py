@@ -57,10 +57,11 @@ def test_engine_only(tmp_path, tiny_model_dir, ros_domain_id, capsys, encoding):
     check_engine(report, 8)
     assert report["engine"]["windows_refined_mean"] is None
     floor = report["raw_floor"]
-    check_summary(floor["ms"], 8)
-    check_summary(floor["subscriber_in_process_ms"], 8)
+    for form in ("ms", "prebuilt_ms", "subscriber_in_process_ms"):  # received over DDS; built here; both here
+        check_summary(floor[form], 8)
+    # Every frame came back from the peer process and its labels were acknowledged there.
     assert floor["delivered"] == floor["published"] == 8 + floor["warmup"]
-    assert "another process" in floor["steps"][-1]
+    assert "received from another process" in floor["steps"][0] and "another process" in floor["steps"][-1]
     cf = report["compute_floor"]
     assert cf["peak_source"] == "given" and cf["peak_gflops_used"] == 50
     flops = json.loads((tiny_model_dir / "card.json").read_text())["export"].get("flops")
@@ -85,7 +86,8 @@ def test_engine_1080p_jpeg_measures_peak(tmp_path, tiny_model_dir, ros_domain_id
     assert report["input"]["width"] == 1920 and report["input"]["height"] == 1080
     assert report["input"]["jpeg_quality"] == bench.JPEG_QUALITY
     check_engine(report, 3)
-    assert report["raw_floor"]["steps"][0] == "decode the jpeg"
+    assert report["raw_floor"]["steps"][0].startswith("decode the jpeg")
+    assert report["raw_floor"]["delivered"] == report["raw_floor"]["published"]  # compressed frames echoed too
     cf = report["compute_floor"]
     assert cf["peak_source"] == "measured" and cf["peak_gflops"]["fp32"] > 0
 
@@ -168,6 +170,7 @@ def test_with_node(tmp_path, tiny_model_dir, ros_domain_id, capsys):
     node = report["node"]
     assert node["error"] is None and node["exit_code"] == 0 and node["log"] is None and node["wrong_labels"] == 0
     assert "threads:=1" in node["params"] and "qos_reliability:=reliable" in node["params"]
+    assert "stats_window:=20" in node["params"]  # one phase per window
     mt = node["max_throughput"]
     assert mt["sent"] == mt["received"] == 20 and mt["throughput_fps"] > 0
     check_summary(mt["latency_ms"], 20)
@@ -184,9 +187,16 @@ def test_with_node(tmp_path, tiny_model_dir, ros_domain_id, capsys):
     ov = node["overhead"]
     assert ov["node_latency_median_ms"] == after["latency_median_ms"] > 0
     assert ov["node_inference_median_ms"] == after["inference_median_ms"] > 0
-    assert ov["overhead_ms"] == pytest.approx(ov["node_latency_median_ms"] - ov["node_inference_median_ms"], abs=1e-3)
+    # Per frame latency − inference, its median: below the latency's median, over the closed loop's 20 frames.
+    assert 0 < ov["overhead_ms"] == after["overhead_median_ms"] < ov["node_latency_median_ms"]
+    assert ov["frames"] == after["stats_frames"] == 20
     assert ov["raw_floor_median_ms"] == report["raw_floor"]["ms"]["median"] > 0
+    assert ov["prebuilt_floor_median_ms"] == report["raw_floor"]["prebuilt_ms"]["median"] > 0
     assert ov["ratio_to_raw_floor"] == pytest.approx(ov["overhead_ms"] / ov["raw_floor_median_ms"], rel=1e-2)
+    assert ov["ratio_to_prebuilt_floor"] == pytest.approx(ov["overhead_ms"] / ov["prebuilt_floor_median_ms"], rel=1e-2)
+    at_rate = ov["at_rate"]
+    assert at_rate["overhead_ms"] == end["overhead_median_ms"] > 0 and at_rate["frames_from_phase"] == 20
+    assert at_rate["ratio_to_raw_floor"] == pytest.approx(at_rate["overhead_ms"] / ov["raw_floor_median_ms"], rel=1e-2)
     summary = report["summary"]
     assert summary["node_max_throughput_fps"] == mt["throughput_fps"]
     assert summary["node_latency_at_rate_ms"] == rate["latency_ms"]["median"] and summary["rate_hz"] == 10
@@ -232,17 +242,17 @@ def test_node_that_does_not_start_exits_1(tmp_path, tiny_model_dir, ros_domain_i
     check_engine(report, 2)  # the engine figures are still reported
 
 
-def test_raw_floor_reports_a_dead_subscriber_process(tmp_path, tiny_model_dir, ros_domain_id, monkeypatch):
-    """The floor's subscriber in another process fails: a clear error with its output, no hang, exit 1."""
-    monkeypatch.setattr(bench, "label_sink_command",
-                        lambda topic: [sys.executable, "-c", "print('sink cannot start'); raise SystemExit(3)"])
+def test_raw_floor_reports_a_dead_peer_process(tmp_path, tiny_model_dir, ros_domain_id, monkeypatch):
+    """The floor's peer in another process fails: a clear error with its output, no hang, exit 1."""
+    dead = [sys.executable, "-c", "print('peer cannot start'); raise SystemExit(3)"]
+    monkeypatch.setattr(bench, "floor_peer_command", lambda prefix, compressed: dead)
     out = tmp_path / "bench.json"
     code = run(["--model", str(tiny_model_dir), "--width", "64", "--height", "48", "--frames", "2", "--warmup", "0",
                 "--no-node", "--peak-gflops", "50", "--json", str(out)])
     assert code == 1
     report = json.loads(out.read_text())
     assert report["raw_floor"] is None
-    assert "subscriber process exited with 3" in report["error"] and "sink cannot start" in report["error"]
+    assert "peer process exited with 3" in report["error"] and "peer cannot start" in report["error"]
     check_engine(report, 2)
 
 

@@ -173,6 +173,8 @@ def test_resize_in_graph(in_graph_package):
             # The same model; only the resize differs (torch's bilinear in the graph, OpenCV's on the host).
             assert (a.labels == b.labels).mean() > 0.9, (backend, h, w)
             assert len(np.unique(a.labels)) > 1
+            out = np.zeros((h, w), np.uint8)  # labels already at the frame's size: copied into the buffer
+            assert graph.segment(frame, out=out).labels is out and np.array_equal(out, a.labels)
         network = Segmenter(graph_dir, backend=backend, output_resolution="network").segment(frame)
         assert network.labels.shape == (56, 84)
     frames = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in ((40, 60, 3), (70, 90, 3))]
@@ -204,5 +206,32 @@ def test_resize_labels_equals_opencv_nearest():
         want = cv2.resize(labels, (int(w), int(h)), interpolation=cv2.INTER_NEAREST)
         assert got.shape == want.shape and got.dtype == np.uint8
         assert np.array_equal(got, want), ((sh, sw), (h, w))
+        # Into a given buffer (stale contents first): the same labels, in that buffer.
+        out = np.full((int(h), int(w)), 77, np.uint8)
+        assert resize_labels(labels, (int(h), int(w)), out) is out
+        assert np.array_equal(out, want), ((sh, sw), (h, w))
     same = gen.integers(0, 19, (30, 40), dtype=np.uint8)
     assert resize_labels(same, (30, 40)) is same
+    out = np.zeros((30, 40), np.uint8)
+    assert resize_labels(same, (30, 40), out) is out and np.array_equal(out, same)
+    for bad in (np.zeros((30, 41), np.uint8), np.zeros((30, 40), np.int32), np.zeros((40, 30), np.uint8).T):
+        with pytest.raises(ValueError, match="C-contiguous uint8"):
+            resize_labels(same, (30, 40), bad)
+
+
+def test_labels_written_into_given_buffers(tiny_model_dir, frames):
+    """segment(out=…) puts the labels into the caller's array (a message buffer) and nothing else changes."""
+    seg = Segmenter(tiny_model_dir, backend="onnx")
+    for rgb in frames:
+        want = seg.segment(rgb)
+        out = np.full(seg.output_size(rgb.shape[:2]), 200, np.uint8)
+        got = seg.segment(rgb, out=out)
+        assert got.labels is out
+        np.testing.assert_array_equal(out, want.labels)
+        np.testing.assert_allclose(got.confidence, want.confidence)
+    network = Segmenter(tiny_model_dir, backend="onnx", output_resolution="network")
+    assert network.output_size((1080, 1920)) == network.network_size
+    with pytest.raises(ValueError, match="C-contiguous uint8"):
+        seg.segment(frames[0], out=np.zeros((3, 3), np.uint8))
+    with pytest.raises(ValueError, match="2 arrays for 1 frames"):
+        seg.segment_batch([frames[0]], [None, None])

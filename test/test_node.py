@@ -20,6 +20,7 @@ from dgss_perception.node import image_message
 from rosutil import RELIABLE, Collector, Spinner, init_context, start_node_process, stop_process, wait_for
 
 rng = np.random.default_rng(7)
+STATS_WINDOW = 5
 
 
 def make_image(stamp: int, width: int, height: int, encoding: str, pad: int = 0) -> Image:
@@ -74,7 +75,7 @@ class Harness:
 
 @pytest.fixture(scope="module")
 def raw_node(tmp_path_factory, tiny_model_dir, ros_domain_id):
-    h = Harness(tmp_path_factory.mktemp("raw"), tiny_model_dir, "raw")
+    h = Harness(tmp_path_factory.mktemp("raw"), tiny_model_dir, "raw", ["-p", f"stats_window:={STATS_WINDOW}"])
     yield h
     assert h.close() == 0, h.log.read_text()
 
@@ -124,6 +125,19 @@ def test_image_message_refills_a_matching_message():
     d = image_message(Header(), np.stack([second] * 3, axis=-1), "rgb8", reuse=b)
     assert c is not b and d is not b and (c.height, d.encoding) == (5, "rgb8")
     np.testing.assert_array_equal(np.frombuffer(b.data, np.uint8).reshape(6, 10), second)
+
+
+def test_diagnostics_report_latency_inference_and_overhead_over_the_window(raw_node):
+    for stamp in range(7101, 7101 + STATS_WINDOW + 2):
+        raw_node.send(make_image(stamp, 96, 64, "rgb8"))
+    seen = len(raw_node.diag.messages)
+    wait_for(lambda: len(raw_node.diag.messages) > seen + 1, 10, "diagnostics after the frames")
+    values = {kv.key: kv.value for kv in raw_node.diag.messages[-1].status[0].values}
+    assert int(values["stats_frames"]) == STATS_WINDOW  # the window, not every frame so far
+    latency, inference = float(values["latency_median_ms"]), float(values["inference_median_ms"])
+    overhead = float(values["overhead_median_ms"])
+    # Per frame, latency = inference + overhead, so the overhead's median lies below the latency's.
+    assert 0 < inference < latency and 0 < overhead < latency
 
 
 def test_colour_and_confidence_published_when_subscribed(raw_node):
