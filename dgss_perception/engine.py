@@ -212,28 +212,35 @@ class Segmenter:
         """
         return self.segment_batch([rgb], None if out is None else [out])[0]
 
-    def segment_batch(self, frames: list[np.ndarray],
-                      out: list[np.ndarray | None] | None = None) -> list[SegmentResult]:
+    def segment_batch(self, frames: list[np.ndarray], out: list[np.ndarray | None] | None = None,
+                      inputs: list[np.ndarray | None] | None = None) -> list[SegmentResult]:
         """Segment up to ``batch_size`` frames (any sizes) in one inference; timings are the batch's.
 
         ``out``: per frame, None or a C-contiguous uint8 array of :meth:`output_size` that receives its
         labels (and becomes ``labels`` of its result), e.g. the buffer of the message to be published.
+        ``inputs``: per frame, None or its :meth:`preprocess` already done (by a caller that prepares a
+        frame where it arrives); ``preprocess`` then times only the batching.
         """
         if not 1 <= len(frames) <= self.batch_size:
             raise ValueError(f"this model takes 1 to {self.batch_size} frames at once, got {len(frames)}")
-        if out is not None and len(out) != len(frames):
-            raise ValueError(f"out holds {len(out)} arrays for {len(frames)} frames")
+        for name, given in (("out", out), ("inputs", inputs)):
+            if given is not None and len(given) != len(frames):
+                raise ValueError(f"{name} holds {len(given)} arrays for {len(frames)} frames")
         if self.resizes_in_graph and len({f.shape for f in frames}) > 1:
             # One tensor per inference: frames of different sizes go one size at a time.
-            return [r for i, f in enumerate(frames) for r in self.segment_batch([f], None if out is None else [out[i]])]
+            return [r for i, f in enumerate(frames)
+                    for r in self.segment_batch([f], None if out is None else [out[i]],
+                                                None if inputs is None else [inputs[i]])]
         t0 = time.perf_counter()
+        given = inputs or [None] * len(frames)
+        prepared = [self.preprocess(rgb) if x is None else x for rgb, x in zip(frames, given)]
         if self.batch_size == 1:
-            batch = np.ascontiguousarray(self.preprocess(frames[0]))[None]  # no copy when already contiguous
+            batch = np.ascontiguousarray(prepared[0])[None]  # no copy when already contiguous
         else:
             size = frames[0].shape[:2] if self.resizes_in_graph else self.network_size
             batch = np.zeros((self.batch_size, *size, 3), np.uint8)  # unused slots stay black
-            for i, rgb in enumerate(frames):
-                batch[i] = self.preprocess(rgb)
+            for i, x in enumerate(prepared):
+                batch[i] = x
         t1 = time.perf_counter()
         refined = [0] * len(frames)
         if self.mode == "whole":

@@ -235,3 +235,16 @@ def test_labels_written_into_given_buffers(tiny_model_dir, frames):
         seg.segment(frames[0], out=np.zeros((3, 3), np.uint8))
     with pytest.raises(ValueError, match="2 arrays for 1 frames"):
         seg.segment_batch([frames[0]], [None, None])
+
+
+def test_frames_preprocessed_by_the_caller(tiny_model_dir, frames):
+    """segment_batch(inputs=…) takes a caller's preprocess() of the frame: the same result as without it."""
+    seg = Segmenter(tiny_model_dir, backend="onnx")
+    for rgb in frames:
+        want = seg.segment(rgb)
+        (got,) = seg.segment_batch([rgb], inputs=[seg.preprocess(rgb)])
+        np.testing.assert_array_equal(got.labels, want.labels)
+        (got,) = seg.segment_batch([rgb], inputs=[None])  # None: the engine preprocesses
+        np.testing.assert_array_equal(got.labels, want.labels)
+    with pytest.raises(ValueError, match="inputs holds 2 arrays for 1 frames"):
+        seg.segment_batch([frames[0]], inputs=[None, None])
