@@ -583,6 +583,11 @@ def floor_peer(prefix: str, compressed: bool = False) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # A signal that shuts the context down while the executor builds its wait set surfaces as an
+        # RCLError ("context is not valid"): still the requested stop. Anything else is a failure.
+        if rclpy.ok():
+            raise
     finally:
         node.destroy_node()
         if rclpy.ok():
