@@ -15,13 +15,13 @@ Topics per camera (relative, remappable; ``<cam>/`` is empty for a single camera
          label_info                   vision_msgs/LabelInfo, transient local (where vision_msgs exists)
          /diagnostics                 rate, latency, drops, errors
 
-Subscription callbacks only store the newest message per camera; a worker thread
-segments, encodes and publishes. A frame that arrives while the worker is idle is
-decoded and resized to the network in its callback (it goes next, and its buffer is
-still in that core's cache); one that arrives while the worker is busy is stored as it
-came, and decoded by the worker if it is still the newest when taken. A frame
-replaced before the worker took it is dropped and counted ("latest frame wins"). With ``lazy`` (default), a camera's
-input is unsubscribed while nothing subscribes to any of its outputs.
+Subscription callbacks store the newest message per camera; a worker thread segments,
+encodes and publishes. A frame that arrives while the worker is idle is also decoded and
+resized to the network in its callback (it goes next, and its buffer is still in that
+core's cache); one that arrives while the worker is busy is stored as it came and decoded
+by the worker if it is still the newest when taken. A frame replaced before the worker
+took it is dropped and counted ("latest frame wins"). With ``lazy`` (default), a
+camera's input is unsubscribed while nothing subscribes to any of its outputs.
 """
 
 from __future__ import annotations
@@ -391,7 +391,7 @@ class SegmentationMixin:
             self._problem(cam, "malformed", f"skipped a malformed frame on {self._input_topic(cam)}: {exc}")
             return None
 
-    def _process(self, taken: list[tuple[Camera, Any, float]]) -> None:
+    def _process(self, taken: list[tuple[Camera, Any, float, Prepared | None]]) -> None:
         """decode → engine (one batch) → encode → publish, per camera."""
         frames, inputs = [], []
         for cam, msg, received, prepared in taken:
