@@ -457,44 +457,43 @@ def bench_raw_floor(context: Any, messages: list[Any], encoding: str, width: int
         label_msg[0] = image_message(msg.header, full, "mono8", sent)
         publisher.publish(label_msg[0])
 
-    def wait_for(done: Any, what: str, sink: Any, log: Path | None, timeout: float) -> None:
+    def timed_steps(publisher: Any, times: list[float]) -> Any:
+        """A handler of one frame: ``steps`` on it, their time appended to ``times``."""
+        def handle(msg: Any) -> None:
+            t0 = perf()
+            steps(msg, publisher)
+            times.append((perf() - t0) * 1e3)
+        return handle
+
+    def wait_for(done: Any, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not done():
-            if sink is not None and sink.poll() is not None:
-                raise BenchError(f"the raw floor's peer process exited with {sink.returncode}:\n{log_tail(log)}")
+            if peer_proc is not None and peer_proc.poll() is not None:
+                raise BenchError(f"the raw floor's peer process exited with {peer_proc.returncode}:\n{log_tail(log)}")
             if time.monotonic() > deadline:
-                raise BenchError(what + (f":\n{log_tail(log)}" if log else ""))
+                raise BenchError(what + (f":\n{log_tail(log)}" if peer_proc is not None else ""))
             executor.spin_once(timeout_sec=0.05)
 
-    def timed(publisher: Any, delivered: list[int], sink: Any = None, log: Path | None = None,
-              source: Any = None, received: list[float] | None = None) -> list[float]:
-        """Per frame: ``steps`` here (prebuilt), or publish to the peer and time ``steps`` when the echo arrives."""
+    def drive(send: Any, delivered: list[int], publishers: list[Any]) -> None:
+        """``send`` each frame, the next once ``delivered`` counts the previous one's labels."""
         # A fresh interpreter importing rclpy and discovering on a loaded small machine: allow it time.
-        matched = [p for p in (publisher, source) if p is not None]
-        wait_for(lambda: all(p.get_subscription_count() > 0 for p in matched),
-                 f"the raw floor's peer did not match within {FLOOR_MATCH_TIMEOUT_S:.0f} s", sink, log,
+        wait_for(lambda: all(p.get_subscription_count() > 0 for p in publishers),
+                 f"the raw floor's subscribers did not match within {FLOOR_MATCH_TIMEOUT_S:.0f} s",
                  FLOOR_MATCH_TIMEOUT_S)
-        times: list[float] = []
+        delivered[0] = 0
         for i in range(FLOOR_WARMUP + frames):
-            msg = messages[i % len(messages)]
-            if source is None:
-                t0 = perf()
-                steps(msg, publisher)
-                t1 = perf()
-                if i >= FLOOR_WARMUP:
-                    times.append((t1 - t0) * 1e3)
-            else:
-                source.publish(msg)
+            send(messages[i % len(messages)])
             # One frame in flight, as the node's closed loop: the transport's background work for this frame
             # (and the subscriber taking it) ends outside the timed part instead of slowing the next frame.
             # A lost frame or acknowledgement would make every later wait time out too.
             wait_for(lambda: delivered[0] > i, f"the raw floor's subscriber received {delivered[0]} of {i + 1} "
-                     "frames within 5 s of the last", sink, log, 5.0)
-        return times if received is None else received[FLOOR_WARMUP:]
+                     "frames within 5 s of the last", 5.0)
 
     here, there = [0], [0]
-    received: list[float] = []
-    sink = None
+    in_process: list[float] = []
+    prebuilt: list[float] = []
+    over_dds: list[float] = []
+    peer_proc = None
     fd, log_name = tempfile.mkstemp(prefix="bench_floor_peer_", suffix=".log")
     os.close(fd)
     log = Path(log_name)
@@ -503,36 +502,30 @@ def bench_raw_floor(context: Any, messages: list[Any], encoding: str, width: int
         topic = f"{NAMESPACE}_floor/labels"
         publisher = node.create_publisher(Image, topic, qos)
         node.create_subscription(Image, topic, lambda _: here.__setitem__(0, here[0] + 1), qos)
-        in_process = timed(publisher, here)
+        drive(timed_steps(publisher, in_process), here, [publisher])
         peer = f"{NAMESPACE}_floor/peer"
         to_peer = node.create_publisher(Image, f"{peer}/labels", qos)
         node.create_subscription(Header, f"{peer}/labels_received", lambda _: there.__setitem__(0, there[0] + 1), qos)
-        prebuilt = None
         frame_type, suffix = (CompressedImage, "/compressed") if encoding == "jpeg" else (Image, "")
-
-        def on_echo(msg: Any) -> None:
-            t0 = perf()
-            steps(msg, to_peer)
-            received.append((perf() - t0) * 1e3)
-
-        node.create_subscription(frame_type, f"{peer}/echo{suffix}", on_echo, qos)
+        # Frames the peer sends back: the steps run, timed, in their subscription callback.
+        node.create_subscription(frame_type, f"{peer}/echo{suffix}", timed_steps(to_peer, over_dds), qos)
         source = node.create_publisher(frame_type, f"{peer}/image{suffix}", qos)
         with open(log, "w") as out:
-            sink = subprocess.Popen(floor_peer_command(peer, encoding == "jpeg"),
-                                    env=child_env({"ROS_DOMAIN_ID": str(domain_id)}), stdout=out,
-                                    stderr=subprocess.STDOUT)
-        prebuilt = timed(to_peer, there, sink, log)
-        there[0] = 0
-        over_dds = timed(to_peer, there, sink, log, source, received)
+            peer_proc = subprocess.Popen(floor_peer_command(peer, encoding == "jpeg"),
+                                         env=child_env({"ROS_DOMAIN_ID": str(domain_id)}), stdout=out,
+                                         stderr=subprocess.STDOUT)
+        drive(timed_steps(to_peer, prebuilt), there, [to_peer])
+        drive(source.publish, there, [to_peer, source])
         failed = False
     finally:
-        if sink is not None:
-            stop_node(sink)
+        if peer_proc is not None:
+            stop_node(peer_proc)
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
         if not failed:
             log.unlink(missing_ok=True)  # kept only when something went wrong
     first = "decode the jpeg" if encoding == "jpeg" else "view the message buffer (np.frombuffer, reshape)"
+    over_dds, prebuilt, in_process = (t[FLOOR_WARMUP:] for t in (over_dds, prebuilt, in_process))
     return {"frames": frames, "warmup": FLOOR_WARMUP, "ms": summarize_ms(over_dds),
             "steps": [f"{first}, in the subscription callback of a frame received from another process",
                       f"cv2.resize to the network size {net_w}x{net_h} (bilinear)",
@@ -556,15 +549,17 @@ def floor_peer(prefix: str, compressed: bool = False) -> int:
     (``echo/compressed``), so the bench receives frames from another process as the node does.
     """
     import rclpy
-    from rclpy.executors import ExternalShutdownException
     from sensor_msgs.msg import CompressedImage, Image
     from std_msgs.msg import Header
+
+    from .node import until_stopped
 
     rclpy.init()
     node = rclpy.create_node("bench_floor_peer")
     parent = os.getppid()
     frame_type, suffix = (CompressedImage, "/compressed") if compressed else (Image, "")
-    try:
+
+    def serve() -> int:
         ack = node.create_publisher(Header, f"{prefix}/labels_received", _reliable())
         echo = node.create_publisher(frame_type, f"{prefix}/echo{suffix}", _reliable())
         # Subscribed only once what they send has a reader: a message sent before that is lost.
@@ -581,18 +576,15 @@ def floor_peer(prefix: str, compressed: bool = False) -> int:
 
         node.create_timer(1.0, orphaned)
         rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception:
-        # A signal that shuts the context down while the executor builds its wait set surfaces as an
-        # RCLError ("context is not valid"): still the requested stop. Anything else is a failure.
-        if rclpy.ok():
-            raise
+        return 0
+
+    try:
+        code = until_stopped(serve)
     finally:
         node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()
-    return 0
+    return 0 if code is None else code
 
 
 def _reliable() -> Any:

@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import rclpy
@@ -58,6 +58,7 @@ try:  # vision_msgs is part of a ROS 2 install, not of the pip wheels.
 except ImportError:  # pragma: no cover - depends on the environment
     LabelInfo = VisionClass = None
 
+T = TypeVar("T")
 TRANSPORTS = ("raw", "compressed")
 RELIABILITY = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}
 INFERENCE_MODES = ("", "whole", "slide", "coarse", "coarse_to_fine")
@@ -607,24 +608,39 @@ def _resize_like(rgb: np.ndarray, like: np.ndarray) -> np.ndarray:
     return cv2.resize(rgb, (like.shape[1], like.shape[0]), interpolation=cv2.INTER_AREA)
 
 
-def _run(node_class: type, args: list[str] | None) -> int:
-    rclpy.init(args=args)
-    node = None
-    code = 0
+def until_stopped(run: Callable[[], T]) -> T | None:
+    """``run()`` (a process's setup and spin), where Ctrl-C, SIGTERM or a shutdown is a clean stop (None).
+
+    Any other error propagates.
+    """
     try:
-        node = node_class()
-        rclpy.spin(node)
-    except (CardError, BackendError, ValueError, FileNotFoundError) as exc:
-        rclpy.logging.get_logger("segment_node").fatal(f"cannot start: {exc}")
-        code = 2
+        return run()
     except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        return None
     except Exception:
         # A SIGINT/SIGTERM shuts the context down from rclpy's signal handler; if that lands while the
         # executor builds its next wait set, rclpy raises an RCLError ("context is not valid") instead of
         # ExternalShutdownException. That is still the requested clean stop; anything else is a failure.
         if rclpy.ok():
             raise
+        return None
+
+
+def _run(node_class: type, args: list[str] | None) -> int:
+    rclpy.init(args=args)
+    node = None
+    code = 0
+
+    def serve() -> None:
+        nonlocal node
+        node = node_class()
+        rclpy.spin(node)
+
+    try:
+        until_stopped(serve)
+    except (CardError, BackendError, ValueError, FileNotFoundError) as exc:
+        rclpy.logging.get_logger("segment_node").fatal(f"cannot start: {exc}")
+        code = 2
     finally:
         if node is not None:
             node.destroy_node()
