@@ -10,11 +10,21 @@ torch; the TorchScript backend imports torch only when chosen.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+# ONNX Runtime keeps one captured CUDA graph per run-option id ("gpu_graph_id") from 1.18 on; before, one per
+# session, which a second input shape would replay wrongly. -1 runs without capture or replay.
+CUDA_GRAPH_MIN_ORT = (1, 18)
+GRAPH_ID = "gpu_graph_id"
+NO_GRAPH = "-1"
+# Input shapes per graph given fixed buffers (and a captured CUDA graph each); further shapes run unbound.
+MAX_FIXED_SHAPES = 8
 
 # An output left where the graph produced it: an ``onnxruntime.OrtValue`` (ONNX Runtime with IO binding) or a
 # ``torch.Tensor`` (TorchScript). Opaque to callers, who only pass it on to another graph of the same backend.
@@ -24,6 +34,8 @@ DeviceTensor = Any
 class Backend(Protocol):
     name: str
     device: str
+    cuda_graph: bool  # runs replay captured CUDA graphs
+    cuda_graph_note: str  # why not, when they were asked for
 
     def run(self, inputs: Sequence[np.ndarray | DeviceTensor],
             keep_on_device: tuple[int, ...] = ()) -> list[np.ndarray | DeviceTensor]:
@@ -66,8 +78,12 @@ def trt_cache_dir(base: Path, checksum: str | None, gpu: str, precision: str) ->
     return base / f"{digest}-{gpu}-{precision}"
 
 
-def onnx_providers(device: str, cache_dir: Path | None, precision: str = "fp32") -> list:
-    """Execution providers in preference order for a device (auto | cpu | cuda)."""
+def onnx_providers(device: str, cache_dir: Path | None, precision: str = "fp32", cuda_graph: bool = False) -> list:
+    """Execution providers in preference order for a device (auto | cpu | cuda).
+
+    ``cuda_graph``: ask the CUDA provider to capture CUDA graphs. Only where it is the first GPU
+    provider: the TensorRT provider keeps one graph per session whatever the input shapes.
+    """
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
@@ -82,12 +98,42 @@ def onnx_providers(device: str, cache_dir: Path | None, precision: str = "fp32")
                            trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
         chosen.append(("TensorrtExecutionProvider", options))
     if "CUDAExecutionProvider" in available:
-        chosen.append("CUDAExecutionProvider")
+        chosen.append(("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph and not chosen
+                      else "CUDAExecutionProvider")
     if device == "cuda" and not chosen:
         raise BackendError("device 'cuda' requested but ONNX Runtime has no CUDA or TensorRT provider "
                            f"(available: {sorted(available)}); install onnxruntime-gpu")
     chosen.append("CPUExecutionProvider")
     return chosen
+
+
+def cuda_graph_refusal(device: str, available: Sequence[str], version: str) -> str:
+    """Why CUDA graphs cannot be asked of ONNX Runtime here ("" when they can)."""
+    if device == "cpu":
+        return "the session runs on the CPU"
+    if "CUDAExecutionProvider" not in available:
+        return "ONNX Runtime has no CUDA provider here"
+    if "TensorrtExecutionProvider" in available:
+        return "the TensorRT provider runs the graph (its CUDA graph is one per session, whatever the input shape)"
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if release < CUDA_GRAPH_MIN_ORT:
+        return (f"ONNX Runtime {version} keeps one CUDA graph per session; "
+                f"{'.'.join(map(str, CUDA_GRAPH_MIN_ORT))} or later is needed")
+    return ""
+
+
+@dataclass
+class FixedBinding:
+    """Inputs and outputs of one input shape bound to buffers that keep their address from run to run.
+
+    A captured CUDA graph replays its kernels on the addresses it saw, so every run of that shape
+    copies its inputs into the same buffers and finds its outputs in the same buffers.
+    """
+
+    binding: Any
+    inputs: list[Any]  # OrtValue per graph input
+    outputs: list[Any]  # OrtValue per graph output
+    run_options: Any  # carries this shape's CUDA graph id
 
 
 class OnnxRuntimeBackend:
@@ -97,12 +143,19 @@ class OnnxRuntimeBackend:
 
     def __init__(self, path: Path, input_names: list[str], output_names: list[str], device: str = "auto",
                  threads: int = 0, checksum: str | None = None, precision: str = "fp32",
-                 io_binding: bool | None = None, spin_wait: bool = False) -> None:
+                 io_binding: bool | None = None, spin_wait: bool = False, cuda_graph: bool = False,
+                 fixed_io: bool | None = None) -> None:
         """Open ``path`` and check its inputs and outputs against the card's names.
 
         ``io_binding``: bind inputs and outputs explicitly (None = only when the first provider is a GPU
         one, where it lets outputs stay on the device between graphs; on CPU it saves nothing).
         ``spin_wait``: let the CPU thread pool busy-wait for work between and after operators.
+        ``cuda_graph``: let the CUDA provider capture each input shape's run as a CUDA graph and replay
+        it (one launch instead of one per kernel). Where ONNX Runtime cannot (see
+        :func:`cuda_graph_refusal`, or a graph with nodes off the CUDA provider) the session runs
+        without; ``cuda_graph_note`` then says why.
+        ``fixed_io``: bind each input shape's inputs and outputs to buffers kept from run to run, as CUDA
+        graphs need (None = exactly when they are on).
         """
         try:
             import onnxruntime as ort
@@ -115,14 +168,30 @@ class OnnxRuntimeBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         if threads > 0:
             options.intra_op_num_threads = threads
+        available = ort.get_available_providers()
         cache = None
-        if device != "cpu" and "TensorrtExecutionProvider" in ort.get_available_providers():
+        if device != "cpu" and "TensorrtExecutionProvider" in available:
             base = Path(os.environ.get("DGSS_TRT_CACHE", Path.home() / ".cache" / "dgss_perception" / "trt"))
             cache = trt_cache_dir(base, checksum, gpu_identity(), precision)
-        providers = onnx_providers(device, cache, precision)
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.cuda_graph_note = cuda_graph_refusal(device, available, ort.__version__) if cuda_graph else ""
+        graphs = cuda_graph and not self.cuda_graph_note
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options,
+                                                providers=onnx_providers(device, cache, precision, graphs))
+        except Exception as exc:  # onnxruntime's own error types (Fail, InvalidGraph, …) share no base but this
+            if not graphs:
+                raise
+            # Capture needs every node on the CUDA provider (no control flow, no shape work on the CPU); a
+            # graph that has such nodes cannot be opened with graphs at all, so it is opened without.
+            self.cuda_graph_note = f"ONNX Runtime cannot capture this graph ({exc})"
+            graphs = False
+            self.session = ort.InferenceSession(str(path), sess_options=options,
+                                                providers=onnx_providers(device, cache, precision))
         self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
         self.providers = self.session.get_providers()
+        self.cuda_graph: bool = graphs and self.providers[0] == "CUDAExecutionProvider"
+        if graphs and not self.cuda_graph:
+            self.cuda_graph_note = f"the session runs on {self.providers[0]}"
         graph_inputs = [i.name for i in self.session.get_inputs()]
         graph_outputs = [o.name for o in self.session.get_outputs()]
         if graph_inputs != list(input_names) or graph_outputs != list(output_names):
@@ -130,31 +199,85 @@ class OnnxRuntimeBackend:
                                f"card says {list(input_names)} and {list(output_names)}")
         self.input_names = list(input_names)
         self.output_names = list(output_names)
-        self.io_binding: bool = self.device != "cpu" if io_binding is None else bool(io_binding)
+        self.fixed_io: bool = self.cuda_graph if fixed_io is None else bool(fixed_io)
+        self.io_binding: bool = (self.device != "cpu" if io_binding is None else bool(io_binding)) or self.fixed_io
         # Where bound outputs are allocated: the session's GPU (CUDA and TensorRT run on device 0), else host.
         self._output_device = ("cuda", 0) if self.device == "cuda" else ("cpu", 0)
-        self._ortvalue_type = ort.OrtValue
+        self._ort = ort
+        self._fixed: dict[tuple, FixedBinding] = {}
+        # Runs outside the fixed buffers must neither capture nor replay a CUDA graph.
+        self._unfixed_options = ort.RunOptions()
+        if self.fixed_io:
+            self._unfixed_options.add_run_config_entry(GRAPH_ID, NO_GRAPH)
+
+    @property
+    def fixed_shapes(self) -> int:
+        """Input shapes given fixed buffers so far (each a CUDA graph of its own when graphs are on)."""
+        return len(self._fixed)
 
     def run(self, inputs: Sequence[np.ndarray | DeviceTensor],
             keep_on_device: tuple[int, ...] = ()) -> list[np.ndarray | DeviceTensor]:
-        """Inputs in card order (numpy or OrtValue) → outputs in card order; see :class:`Backend`."""
+        """Inputs in card order (numpy or OrtValue) → outputs in card order; see :class:`Backend`.
+
+        With ``fixed_io``, an output kept on the device is the fixed buffer of its input shape: valid
+        until this backend's next run of that shape.
+        """
         if not self.io_binding:
             # A device tensor from a graph that binds its outputs: to host, as older runtimes' run() wants.
-            feeds = {name: value.numpy() if isinstance(value, self._ortvalue_type) else value
+            feeds = {name: value.numpy() if isinstance(value, self._ort.OrtValue) else value
                      for name, value in zip(self.input_names, inputs)}
             return self.session.run(self.output_names, feeds)
+        if self.fixed_io and all(isinstance(value, np.ndarray) for value in inputs):
+            key = tuple((value.shape, value.dtype.str) for value in inputs)
+            fixed = self._fixed.get(key)
+            if fixed is not None:
+                return self._run_fixed(fixed, inputs, keep_on_device)
+            if len(self._fixed) < MAX_FIXED_SHAPES:
+                # The first run of a shape learns its outputs' shapes; its buffers are allocated from them.
+                outputs = self._run_bound(inputs)
+                self._fixed[key] = self._fix(inputs, outputs)
+                return [value if i in keep_on_device else value.numpy() for i, value in enumerate(outputs)]
+        return [value if i in keep_on_device else value.numpy() for i, value in enumerate(self._run_bound(inputs))]
+
+    def _run_bound(self, inputs: Sequence[np.ndarray | DeviceTensor]) -> list[DeviceTensor]:
+        """One run with a new binding; every output as the OrtValue the run allocated."""
         # A new binding per run: outputs left bound across runs are written in place by the next run,
         # overwriting results (the last frame's labels) that a caller may still hold.
         binding = self.session.io_binding()
         for name, value in zip(self.input_names, inputs):
-            if isinstance(value, self._ortvalue_type):
+            if isinstance(value, self._ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:
             binding.bind_output(name, *self._output_device)
-        self.session.run_with_iobinding(binding)
-        return [value if i in keep_on_device else value.numpy() for i, value in enumerate(binding.get_outputs())]
+        self.session.run_with_iobinding(binding, self._unfixed_options)
+        return binding.get_outputs()
+
+    def _fix(self, inputs: Sequence[np.ndarray], outputs: Sequence[DeviceTensor]) -> FixedBinding:
+        """Buffers for one input shape on the session's device, bound once, with a CUDA graph id of their own."""
+        new = self._ort.OrtValue.ortvalue_from_shape_and_type
+        device, index = self._output_device
+        fixed = FixedBinding(binding=self.session.io_binding(),
+                             inputs=[new(list(a.shape), a.dtype, device, index) for a in inputs],
+                             outputs=[new(v.shape(), v.element_type(), device, index) for v in outputs],
+                             run_options=self._ort.RunOptions())
+        for name, value in zip(self.input_names, fixed.inputs):
+            fixed.binding.bind_ortvalue_input(name, value)
+        for name, value in zip(self.output_names, fixed.outputs):
+            fixed.binding.bind_ortvalue_output(name, value)
+        fixed.run_options.add_run_config_entry(GRAPH_ID, str(len(self._fixed) + 1))  # 0 is ONNX Runtime's own
+        return fixed
+
+    def _run_fixed(self, fixed: FixedBinding, inputs: Sequence[np.ndarray],
+                   keep_on_device: tuple[int, ...]) -> list[np.ndarray | DeviceTensor]:
+        for value, array in zip(fixed.inputs, inputs):
+            value.update_inplace(np.ascontiguousarray(array))
+        self.session.run_with_iobinding(fixed.binding, fixed.run_options)
+        # A host buffer's numpy() is a view of it, which the next run would overwrite under the caller.
+        on_host = self._output_device[0] == "cpu"
+        return [value if i in keep_on_device else value.numpy().copy() if on_host else value.numpy()
+                for i, value in enumerate(fixed.outputs)]
 
 
 class TorchScriptBackend:
@@ -162,7 +285,10 @@ class TorchScriptBackend:
 
     name = "torchscript"
 
-    def __init__(self, path: Path, device: str = "auto") -> None:
+    def __init__(self, path: Path, device: str = "auto", cuda_graph: bool = False) -> None:
+        """Load ``path`` onto ``device``; ``cuda_graph`` is ONNX Runtime's alone (``cuda_graph_note`` says so)."""
+        self.cuda_graph = False
+        self.cuda_graph_note = "CUDA graphs are captured by ONNX Runtime's CUDA provider only" if cuda_graph else ""
         try:
             import torch
         except ImportError as exc:

@@ -127,6 +127,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--spin-wait", action="store_true",
                    help="let ONNX Runtime's CPU threads busy-wait between operators, in the engine and the node "
                         "(default: off, as the node's spin_wait parameter)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="ONNX Runtime's CUDA provider replays captured CUDA graphs, in the engine and the node "
+                        "(as the node's cuda_graph parameter; the report says where it could not)")
     p.add_argument("--io-binding", choices=IO_BINDING, default="auto",
                    help="ONNX Runtime IO binding (default auto: on for CUDA/TensorRT, off on CPU)")
     p.add_argument("--inference-mode", choices=INFERENCE_MODES, default=None,
@@ -176,6 +179,8 @@ def command_line(args: argparse.Namespace) -> str:
              args.device, "--threads", str(args.threads), "--io-binding", args.io_binding]
     if args.spin_wait:
         parts.append("--spin-wait")
+    if args.cuda_graph:
+        parts.append("--cuda-graph")
     if args.inference_mode:
         parts += ["--inference-mode", args.inference_mode]
     parts += ["--width", str(args.width), "--height", str(args.height), "--encoding", args.encoding,
@@ -762,7 +767,7 @@ def node_params(args: argparse.Namespace, model: Path) -> list[str]:
     params = [f"model:={model}", "qos_reliability:=reliable", "diagnostics_period:=0.5",
               f"stats_window:={args.node_frames}",
               f"backend:={args.backend}", f"device:={args.device}", f"threads:={args.threads}",
-              f"spin_wait:={str(args.spin_wait).lower()}"]
+              f"spin_wait:={str(args.spin_wait).lower()}", f"cuda_graph:={str(args.cuda_graph).lower()}"]
     if args.encoding == "jpeg":
         params.append("image_transport:=compressed")
     if args.inference_mode:
@@ -849,7 +854,7 @@ def run_bench(args: argparse.Namespace) -> int:
         model = args.model.resolve()
         segmenter = Segmenter(model, backend=args.backend, device=args.device, threads=args.threads,
                               inference_mode=args.inference_mode, io_binding=IO_BINDING[args.io_binding],
-                              spin_wait=args.spin_wait)
+                              spin_wait=args.spin_wait, cuda_graph=args.cuda_graph)
     except (ValueError, FileExistsError, CardError, BackendError) as exc:  # CardError is a ValueError
         print(f"dgss-perception bench: error: {exc}", file=sys.stderr)
         return 2
@@ -868,6 +873,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     "providers": getattr(segmenter.backend, "providers", None), "threads": args.threads,
                     "spin_wait": args.spin_wait,
                     "io_binding": getattr(segmenter.backend, "io_binding", None),
+                    "cuda_graph": segmenter.cuda_graphs, "cuda_graph_notes": segmenter.cuda_graph_notes,
                     "graphs": list(segmenter.backends)},
         "definitions": definitions(),
     }
@@ -875,7 +881,9 @@ def run_bench(args: argparse.Namespace) -> int:
           f"{args.width}x{args.height} {args.encoding}; engine …", flush=True)
     frames = make_frames(args.width, args.height, POOL_SIZE)
     report["engine"] = bench_engine(segmenter, frame_messages(frames, args.encoding), args.encoding,
-                                    args.frames, args.warmup)
+                                    args.frames,
+                                    # Captures happen in warm-up, never in a measured frame.
+                                    max(args.warmup, segmenter.warmup_runs) if segmenter.cuda_graphs else args.warmup)
     mode, device = segmenter.mode, segmenter.backend.device
     # Released before the peak measurement (its runtime's threads would compete) and before the node loads its own.
     del segmenter
@@ -980,8 +988,10 @@ def format_table(r: dict[str, Any]) -> str:
         f"bench  {pkg['name']} ({pkg['family']}, {pkg['mode']}, {pkg['precision']}, network "
         f"{pkg['network']['width']}x{pkg['network']['height']}) · {inp['width']}x{inp['height']} {inp['encoding']}"
         f" · {be['name']}/{be['device']}" + (f" ({', '.join(be['providers'])})" if be["providers"] else "")
-        + f", threads {be['threads'] or 'default'}" + (", spin-wait" if be.get("spin_wait") else ""),
+        + f", threads {be['threads'] or 'default'}" + (", spin-wait" if be.get("spin_wait") else "")
+        + (", CUDA graphs" if be.get("cuda_graph") else ""),
         f"device {dev['summary']}; GPU: {', '.join(dev['gpus']) or 'none'}",
+        *(f"no CUDA graphs for the {graph} graph: {why}" for graph, why in be.get("cuda_graph_notes", {}).items()),
         f"date   {r['date']}",
         "",
         f"engine ({eng['frames']} frames after {eng['warmup']} warm-up)   median      p90      p99   (ms)",

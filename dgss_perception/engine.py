@@ -111,12 +111,14 @@ class Segmenter:
             between its graphs (None = on for CUDA/TensorRT sessions, off on CPU).
         spin_wait: ONNX Runtime's CPU threads busy-wait for work between operators: slightly faster
             inference in a tight loop, but the cores stay busy after each run.
+        cuda_graph: ONNX Runtime's CUDA provider captures each input shape's run of a graph as a CUDA
+            graph and replays it; graphs it cannot capture run without (``cuda_graph_notes`` says why).
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str = "auto",
                  output_resolution: str = "input", threads: int = 0, inference_mode: str | None = None,
                  theta: float | None = None, c_tau: float | None = None, window_batch: int = 0,
-                 io_binding: bool | None = None, spin_wait: bool = False) -> None:
+                 io_binding: bool | None = None, spin_wait: bool = False, cuda_graph: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if device not in DEVICES:
@@ -151,14 +153,14 @@ class Segmenter:
             self._inverse_count = 1.0 / count
         graphs = MODE_GRAPHS[self.mode]
         self.graph = self.card.graphs[graphs[0]]
-        self.backends: dict[str, Backend] = {g: self._open_backend(g, backend, device, threads, io_binding, spin_wait)
-                                             for g in graphs}
+        self.backends: dict[str, Backend] = {
+            g: self._open_backend(g, backend, device, threads, io_binding, spin_wait, cuda_graph) for g in graphs}
         self.backend: Backend = self.backends[graphs[0]]
         self.windows_total = 0
         self.windows_refined = 0
 
     def _open_backend(self, graph: str, backend: str, device: str, threads: int,
-                      io_binding: bool | None = None, spin_wait: bool = False) -> Backend:
+                      io_binding: bool | None = None, spin_wait: bool = False, cuda_graph: bool = False) -> Backend:
         spec = self.card.graphs[graph]
         if backend == "auto":
             try:
@@ -170,10 +172,30 @@ class Segmenter:
         if backend == "onnx":
             return OnnxRuntimeBackend(path, [i.name for i in spec.inputs], [o.name for o in spec.outputs],
                                       device=device, threads=threads, checksum=self.card.checksums.get(path.name),
-                                      precision=self.card.precision, io_binding=io_binding, spin_wait=spin_wait)
+                                      precision=self.card.precision, io_binding=io_binding, spin_wait=spin_wait,
+                                      cuda_graph=cuda_graph)
         if backend == "torchscript":
-            return TorchScriptBackend(path, device=device)
+            return TorchScriptBackend(path, device=device, cuda_graph=cuda_graph)
         raise BackendError(f"unknown backend {backend}")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Some graph of this model replays captured CUDA graphs."""
+        return any(b.cuda_graph for b in self.backends.values())
+
+    @property
+    def cuda_graph_notes(self) -> dict[str, str]:
+        """Per graph, why CUDA graphs were asked for and are not used (empty when they are, or were not asked)."""
+        return {g: b.cuda_graph_note for g, b in self.backends.items() if b.cuda_graph_note}
+
+    @property
+    def warmup_runs(self) -> int:
+        """Runs of a frame size before its timing is steady.
+
+        With CUDA graphs, ONNX Runtime's first run of a shape, its regular runs before capture and the
+        capture itself come first.
+        """
+        return 4 if self.cuda_graphs else 1
 
     @property
     def network_size(self) -> tuple[int, int]:

@@ -87,6 +87,8 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "threads": (0, "CPU inference threads (0 = runtime default)"),
     "spin_wait": (False, "ONNX Runtime CPU threads busy-wait between operators (slightly faster inference; the "
                          "cores stay busy after each run, slowing the node's own work and other processes)"),
+    "cuda_graph": (False, "ONNX Runtime's CUDA provider captures each graph's run per input shape as a CUDA graph and "
+                          "replays it (graphs it cannot capture run without; the log says why)"),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
     "stats_window": (300, "frames over which /diagnostics takes its latency, inference and overhead statistics"),
 }
@@ -205,11 +207,15 @@ class SegmentationMixin:
                                    output_resolution=p["output_resolution"], threads=p["threads"],
                                    inference_mode=p["inference_mode"] or None, theta=p["confidence_threshold"],
                                    c_tau=p["refine_fraction"], window_batch=p["window_batch"],
-                                   spin_wait=bool(p["spin_wait"]))
+                                   spin_wait=bool(p["spin_wait"]), cuda_graph=bool(p["cuda_graph"]))
         card = self.segmenter.card
         self.lut = palette_lut(card.palette)
         # Warm-up outside the stream: the first real frame must not pay for lazy initialisation.
-        self.segmenter.segment(np.zeros((*self.segmenter.network_size, 3), np.uint8))
+        for graph, why in self.segmenter.cuda_graph_notes.items():
+            self.get_logger().warning(f"cuda_graph: the {graph} graph runs without CUDA graphs: {why}")
+        # (CUDA graphs: also the runs before capture and the capture itself, at the network's size.)
+        for _ in range(self.segmenter.warmup_runs):
+            self.segmenter.segment(np.zeros((*self.segmenter.network_size, 3), np.uint8))
         table = Parameter("class_table", value=class_table(card))
         self._internal_set = True
         try:

@@ -127,6 +127,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def in_graph_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """The tiny model exported twice from the same weights: resizing on the host, and inside the graph."""
+    from training.export import export_package
+
+    work = tmp_path_factory.mktemp("in_graph")
+    cfg = make_tiny_weights(work / "weights.safetensors")
+    export_package(cfg, work / "weights.safetensors", work / "host")
+    card = export_package(cfg, work / "weights.safetensors", work / "graph", resize_in_graph=True)
+    return work / "host", work / "graph", card
+
+
+@pytest.fixture(scope="session")
 def tiny_c2f_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An exported tiny VFMNet + MGRNet coarse-to-fine package; its weights beside it (weights.safetensors)."""
     from training.export import export_package

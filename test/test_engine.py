@@ -141,19 +141,6 @@ def test_trt_cache_is_keyed_by_graph_gpu_and_precision(tmp_path, monkeypatch):
     assert backends.gpu_identity() == "unknown-gpu"
 
 
-@pytest.fixture(scope="module")
-def in_graph_package(tmp_path_factory):
-    """The tiny model exported twice from the same weights: resizing on the host, and inside the graph."""
-    from conftest import make_tiny_weights
-    from training.export import export_package
-
-    work = tmp_path_factory.mktemp("in_graph")
-    cfg = make_tiny_weights(work / "weights.safetensors")
-    export_package(cfg, work / "weights.safetensors", work / "host")
-    card = export_package(cfg, work / "weights.safetensors", work / "graph", resize_in_graph=True)
-    return work / "host", work / "graph", card
-
-
 def test_resize_in_graph(in_graph_package):
     """A package that resizes inside the graph takes any frame size and returns labels at that size."""
     host_dir, graph_dir, card = in_graph_package

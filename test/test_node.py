@@ -203,6 +203,8 @@ def test_coarse_to_fine_package(tmp_path, tiny_c2f_dir, ros_domain_id):
     rgb = image_to_rgb(frame)
     for mode, theta, c_tau in (("coarse_to_fine", 0.9, 1.0), ("coarse", 0.9, 1.0)):
         params = [f"inference_mode:={mode}", f"confidence_threshold:={theta}", f"refine_fraction:={c_tau}"]
+        # CUDA graphs asked for where there is no CUDA provider: each graph runs without, and the log says why.
+        params += ["cuda_graph:=true"] if mode == "coarse" else []
         h = Harness(tmp_path, tiny_c2f_dir, "raw", [arg for p in params for arg in ("-p", p)], ns="/c2f")
         try:
             out = h.send(frame)
@@ -220,6 +222,8 @@ def test_coarse_to_fine_package(tmp_path, tiny_c2f_dir, ros_domain_id):
             assert ("windows_refined_share" in values) == (mode == "coarse_to_fine")
         finally:
             assert h.close() == 0, h.log.read_text()
+        log = h.log.read_text()
+        assert ("cuda_graph: the coarse graph runs without CUDA graphs: " in log) == (mode == "coarse")
 
 
 @pytest.mark.parametrize("package", ["tiny_mfuser_dir", "tiny_depthforge_dir"], ids=["mfuser", "depthforge"])
