@@ -205,6 +205,7 @@ class OnnxRuntimeBackend:
         self._output_device = ("cuda", 0) if self.device == "cuda" else ("cpu", 0)
         self._ort = ort
         self._fixed: dict[tuple, FixedBinding] = {}
+        self._refused: set[tuple] = set()  # input shapes whose capture failed: they run without a graph
         # Runs outside the fixed buffers must neither capture nor replay a CUDA graph.
         self._unfixed_options = ort.RunOptions()
         if self.fixed_io:
@@ -231,8 +232,18 @@ class OnnxRuntimeBackend:
             key = tuple((value.shape, value.dtype.str) for value in inputs)
             fixed = self._fixed.get(key)
             if fixed is not None:
-                return self._run_fixed(fixed, inputs, keep_on_device)
-            if len(self._fixed) < MAX_FIXED_SHAPES:
+                try:
+                    return self._run_fixed(fixed, inputs, keep_on_device)
+                except Exception as exc:  # onnxruntime's own error types
+                    if not self.cuda_graph:
+                        raise
+                    # A capture can also fail in the run (a kernel that synchronises or allocates while captured):
+                    # that shape then runs without a graph, as shapes beyond the limit do, and the others keep theirs.
+                    del self._fixed[key]
+                    self._refused.add(key)
+                    self.cuda_graph_note = (f"inputs of shapes {[list(v.shape) for v in inputs]} run without a CUDA "
+                                            f"graph: its capture failed ({exc})")
+            elif key not in self._refused and len(self._fixed) + len(self._refused) < MAX_FIXED_SHAPES:
                 # The first run of a shape learns its outputs' shapes; its buffers are allocated from them.
                 outputs = self._run_bound(inputs)
                 self._fixed[key] = self._fix(inputs, outputs)
@@ -266,7 +277,8 @@ class OnnxRuntimeBackend:
             fixed.binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.output_names, fixed.outputs):
             fixed.binding.bind_ortvalue_output(name, value)
-        fixed.run_options.add_run_config_entry(GRAPH_ID, str(len(self._fixed) + 1))  # 0 is ONNX Runtime's own
+        # Never reused, also after a failed capture; 0 is ONNX Runtime's own.
+        fixed.run_options.add_run_config_entry(GRAPH_ID, str(len(self._fixed) + len(self._refused) + 1))
         return fixed
 
     def _run_fixed(self, fixed: FixedBinding, inputs: Sequence[np.ndarray],

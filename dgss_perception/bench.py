@@ -884,6 +884,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                     args.frames,
                                     # Captures happen in warm-up, never in a measured frame.
                                     max(args.warmup, segmenter.warmup_runs) if segmenter.cuda_graphs else args.warmup)
+    report["backend"]["cuda_graph_notes"] = segmenter.cuda_graph_notes  # with any capture that failed in a run
     mode, device = segmenter.mode, segmenter.backend.device
     # Released before the peak measurement (its runtime's threads would compete) and before the node loads its own.
     del segmenter
@@ -991,7 +992,7 @@ def format_table(r: dict[str, Any]) -> str:
         + f", threads {be['threads'] or 'default'}" + (", spin-wait" if be.get("spin_wait") else "")
         + (", CUDA graphs" if be.get("cuda_graph") else ""),
         f"device {dev['summary']}; GPU: {', '.join(dev['gpus']) or 'none'}",
-        *(f"no CUDA graphs for the {graph} graph: {why}" for graph, why in be.get("cuda_graph_notes", {}).items()),
+        *(f"CUDA graphs, {graph} graph: {why}" for graph, why in be.get("cuda_graph_notes", {}).items()),
         f"date   {r['date']}",
         "",
         f"engine ({eng['frames']} frames after {eng['warmup']} warm-up)   median      p90      p99   (ms)",

@@ -211,11 +211,11 @@ class SegmentationMixin:
         card = self.segmenter.card
         self.lut = palette_lut(card.palette)
         # Warm-up outside the stream: the first real frame must not pay for lazy initialisation.
-        for graph, why in self.segmenter.cuda_graph_notes.items():
-            self.get_logger().warning(f"cuda_graph: the {graph} graph runs without CUDA graphs: {why}")
         # (CUDA graphs: also the runs before capture and the capture itself, at the network's size.)
         for _ in range(self.segmenter.warmup_runs):
             self.segmenter.segment(np.zeros((*self.segmenter.network_size, 3), np.uint8))
+        for graph, why in self.segmenter.cuda_graph_notes.items():
+            self.get_logger().warning(f"cuda_graph, {graph} graph: {why}")
         table = Parameter("class_table", value=class_table(card))
         self._internal_set = True
         try:

@@ -201,4 +201,34 @@ def test_bench_records_the_request_and_why_it_was_not_met(tmp_path, tiny_model_d
     report = json.loads(out.read_text())
     assert "--cuda-graph" in report["command"]
     assert report["backend"]["cuda_graph"] is False and set(report["backend"]["cuda_graph_notes"]) == {"whole"}
-    assert "no CUDA graphs for the whole graph: " in capsys.readouterr().out
+    assert "CUDA graphs, whole graph: " in capsys.readouterr().out
+
+
+def test_a_capture_that_fails_in_the_run_leaves_that_shape_without_a_graph(in_graph_package):
+    """The first replayed run of a shape fails (as a capture that synchronises would): that frame still gets
+    its labels, the shape runs unfixed from then on, and the other shapes keep graphs of ids never reused."""
+    _, graph_dir, _ = in_graph_package
+    plain = Segmenter(graph_dir, backend="onnx", device="cpu")
+    seg = fixed(Segmenter(graph_dir, backend="onnx", device="cpu"))
+    backend = seg.backend
+    backend.cuda_graph = True  # as on a CUDA session; the run below fails where a capture would
+    session_run = backend.session.run_with_iobinding
+    failing = {"1"}
+
+    def run_with_iobinding(binding, run_options=None):
+        if run_options is not None and run_options.get_run_config_entry(backends.GRAPH_ID) in failing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return session_run(binding, run_options)
+
+    backend.session.run_with_iobinding = run_with_iobinding
+    for i, (h, w) in enumerate([(56, 84), (56, 84), (56, 84), (61, 97), (61, 97), (56, 84)]):
+        frame = smooth_frame(h, w, seed=70 + i)
+        assert np.array_equal(seg.segment(frame).labels, plain.segment(frame).labels)
+    assert backend.fixed_shapes == 1 and backend._refused == {(((1, 56, 84, 3), "|u1"),)}
+    (kept,) = backend._fixed.values()
+    assert kept.run_options.get_run_config_entry(backends.GRAPH_ID) == "2"
+    assert "56, 84" in backend.cuda_graph_note and "capture failed" in backend.cuda_graph_note
+    backend.cuda_graph = False  # without graphs a failing run is an error, not a fallback
+    failing.add("2")
+    with pytest.raises(RuntimeError, match="capturing"):
+        seg.segment(smooth_frame(61, 97, seed=80))
