@@ -81,8 +81,8 @@ def trt_cache_dir(base: Path, checksum: str | None, gpu: str, precision: str) ->
 def onnx_providers(device: str, cache_dir: Path | None, precision: str = "fp32", cuda_graph: bool = False) -> list:
     """Execution providers in preference order for a device (auto | cpu | cuda).
 
-    ``cuda_graph``: ask the CUDA provider to capture CUDA graphs. Only where it is the first GPU
-    provider: the TensorRT provider keeps one graph per session whatever the input shapes.
+    ``cuda_graph``: the CUDA provider capturing CUDA graphs, and not the TensorRT provider, which
+    keeps one graph per session whatever the input shapes.
     """
     import onnxruntime as ort
 
@@ -90,7 +90,7 @@ def onnx_providers(device: str, cache_dir: Path | None, precision: str = "fp32",
     if device == "cpu":
         return ["CPUExecutionProvider"]
     chosen: list = []
-    if "TensorrtExecutionProvider" in available:
+    if "TensorrtExecutionProvider" in available and not cuda_graph:
         options = {"trt_fp16_enable": precision == "fp16"}
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -98,8 +98,7 @@ def onnx_providers(device: str, cache_dir: Path | None, precision: str = "fp32",
                            trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
         chosen.append(("TensorrtExecutionProvider", options))
     if "CUDAExecutionProvider" in available:
-        chosen.append(("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph and not chosen
-                      else "CUDAExecutionProvider")
+        chosen.append(("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph else "CUDAExecutionProvider")
     if device == "cuda" and not chosen:
         raise BackendError("device 'cuda' requested but ONNX Runtime has no CUDA or TensorRT provider "
                            f"(available: {sorted(available)}); install onnxruntime-gpu")
@@ -113,8 +112,6 @@ def cuda_graph_refusal(device: str, available: Sequence[str], version: str) -> s
         return "the session runs on the CPU"
     if "CUDAExecutionProvider" not in available:
         return "ONNX Runtime has no CUDA provider here"
-    if "TensorrtExecutionProvider" in available:
-        return "the TensorRT provider runs the graph (its CUDA graph is one per session, whatever the input shape)"
     release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
     if release < CUDA_GRAPH_MIN_ORT:
         return (f"ONNX Runtime {version} keeps one CUDA graph per session; "
@@ -150,8 +147,8 @@ class OnnxRuntimeBackend:
         ``io_binding``: bind inputs and outputs explicitly (None = only when the first provider is a GPU
         one, where it lets outputs stay on the device between graphs; on CPU it saves nothing).
         ``spin_wait``: let the CPU thread pool busy-wait for work between and after operators.
-        ``cuda_graph``: let the CUDA provider capture each input shape's run as a CUDA graph and replay
-        it (one launch instead of one per kernel). Where ONNX Runtime cannot (see
+        ``cuda_graph``: let the CUDA provider (instead of TensorRT's) capture each input shape's run as a
+        CUDA graph and replay it (one launch instead of one per kernel). Where ONNX Runtime cannot (see
         :func:`cuda_graph_refusal`, or a graph with nodes off the CUDA provider) the session runs
         without; ``cuda_graph_note`` then says why.
         ``fixed_io``: bind each input shape's inputs and outputs to buffers kept from run to run, as CUDA
@@ -169,15 +166,20 @@ class OnnxRuntimeBackend:
         if threads > 0:
             options.intra_op_num_threads = threads
         available = ort.get_available_providers()
-        cache = None
-        if device != "cpu" and "TensorrtExecutionProvider" in available:
-            base = Path(os.environ.get("DGSS_TRT_CACHE", Path.home() / ".cache" / "dgss_perception" / "trt"))
-            cache = trt_cache_dir(base, checksum, gpu_identity(), precision)
         self.cuda_graph_note = cuda_graph_refusal(device, available, ort.__version__) if cuda_graph else ""
         graphs = cuda_graph and not self.cuda_graph_note
+
+        def trt_cache() -> Path | None:
+            if device == "cpu" or "TensorrtExecutionProvider" not in available:
+                return None
+            base = Path(os.environ.get("DGSS_TRT_CACHE", Path.home() / ".cache" / "dgss_perception" / "trt"))
+            return trt_cache_dir(base, checksum, gpu_identity(), precision)
+
+        providers = onnx_providers(device, None if graphs else trt_cache(), precision, graphs)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options,
-                                                providers=onnx_providers(device, cache, precision, graphs))
+            # No fallback of ONNX Runtime's own: where its CUDA provider refuses, it would retry on the CPU alone.
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers,
+                                                enable_fallback=0 if graphs else 1)
         except Exception as exc:  # onnxruntime's own error types (Fail, InvalidGraph, …) share no base but this
             if not graphs:
                 raise
@@ -186,7 +188,7 @@ class OnnxRuntimeBackend:
             self.cuda_graph_note = f"ONNX Runtime cannot capture this graph ({exc})"
             graphs = False
             self.session = ort.InferenceSession(str(path), sess_options=options,
-                                                providers=onnx_providers(device, cache, precision))
+                                                providers=onnx_providers(device, trt_cache(), precision))
         self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
         self.providers = self.session.get_providers()
         self.cuda_graph: bool = graphs and self.providers[0] == "CUDAExecutionProvider"

@@ -111,8 +111,9 @@ class Segmenter:
             between its graphs (None = on for CUDA/TensorRT sessions, off on CPU).
         spin_wait: ONNX Runtime's CPU threads busy-wait for work between operators: slightly faster
             inference in a tight loop, but the cores stay busy after each run.
-        cuda_graph: ONNX Runtime's CUDA provider captures each input shape's run of a graph as a CUDA
-            graph and replays it; graphs it cannot capture run without (``cuda_graph_notes`` says why).
+        cuda_graph: ONNX Runtime's CUDA provider (instead of TensorRT's) captures each input shape's run
+            of a graph as a CUDA graph and replays it; graphs it cannot capture run without
+            (``cuda_graph_notes`` says why).
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str = "auto",

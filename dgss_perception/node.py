@@ -87,8 +87,9 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "threads": (0, "CPU inference threads (0 = runtime default)"),
     "spin_wait": (False, "ONNX Runtime CPU threads busy-wait between operators (slightly faster inference; the "
                          "cores stay busy after each run, slowing the node's own work and other processes)"),
-    "cuda_graph": (False, "ONNX Runtime's CUDA provider captures each graph's run per input shape as a CUDA graph and "
-                          "replays it (graphs it cannot capture run without; the log says why)"),
+    "cuda_graph": (False, "ONNX Runtime's CUDA provider (instead of TensorRT's) captures each graph's run per input "
+                          "shape as a CUDA graph and replays it (graphs it cannot capture run without; the log says "
+                          "why)"),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
     "stats_window": (300, "frames over which /diagnostics takes its latency, inference and overhead statistics"),
 }
