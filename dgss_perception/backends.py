@@ -191,6 +191,11 @@ class OnnxRuntimeBackend:
                                                 providers=onnx_providers(device, trt_cache(), precision))
         self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
         self.providers = self.session.get_providers()
+        if device == "cuda" and self.device == "cpu":
+            # A GPU provider that is listed but cannot start (missing CUDA or cuDNN libraries) leaves ONNX Runtime
+            # on the CPU with only a warning: asked for the GPU, that is an error, not a 100× slower node.
+            raise BackendError(f"device 'cuda' requested but ONNX Runtime could not start a GPU provider for {path} "
+                               f"(it runs on {self.providers}; its log says why)")
         self.cuda_graph: bool = graphs and self.providers[0] == "CUDAExecutionProvider"
         if graphs and not self.cuda_graph:
             self.cuda_graph_note = f"the session runs on {self.providers[0]}"

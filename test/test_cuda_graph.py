@@ -235,3 +235,15 @@ def test_a_capture_that_fails_in_the_run_leaves_that_shape_without_a_graph(in_gr
     failing.add("2")
     with pytest.raises(RuntimeError, match="capturing"):
         seg.segment(smooth_frame(61, 97, seed=80))
+
+
+def test_a_gpu_provider_that_cannot_start_is_an_error_when_cuda_was_asked_for(tiny_model_dir, monkeypatch):
+    """Listed but not startable (no CUDA libraries): ONNX Runtime would run on the CPU with a warning."""
+    card = Segmenter(tiny_model_dir, backend="onnx", device="cpu").card
+    spec, path = card.graphs["whole"], card.graph_path("whole", "onnx")
+    names = ([i.name for i in spec.inputs], [o.name for o in spec.outputs])
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(backends.BackendError, match="could not start a GPU provider"):
+        OnnxRuntimeBackend(path, *names, device="cuda")
+    auto = OnnxRuntimeBackend(path, *names, device="auto")  # auto takes what there is
+    assert auto.device == "cpu" and auto.providers == ["CPUExecutionProvider"]
