@@ -235,6 +235,7 @@ class OnnxRuntimeBackend:
             feeds = {name: value.numpy() if isinstance(value, self._ort.OrtValue) else value
                      for name, value in zip(self.input_names, inputs)}
             return self.session.run(self.output_names, feeds)
+        learn = None  # an input shape to give fixed buffers after this run
         if self.fixed_io and all(isinstance(value, np.ndarray) for value in inputs):
             key = tuple((value.shape, value.dtype.str) for value in inputs)
             fixed = self._fixed.get(key)
@@ -251,11 +252,11 @@ class OnnxRuntimeBackend:
                     self.cuda_graph_note = (f"inputs of shapes {[list(v.shape) for v in inputs]} run without a CUDA "
                                             f"graph: its capture failed ({exc})")
             elif key not in self._refused and len(self._fixed) + len(self._refused) < MAX_FIXED_SHAPES:
-                # The first run of a shape learns its outputs' shapes; its buffers are allocated from them.
-                outputs = self._run_bound(inputs)
-                self._fixed[key] = self._fix(inputs, outputs)
-                return [value if i in keep_on_device else value.numpy() for i, value in enumerate(outputs)]
-        return [value if i in keep_on_device else value.numpy() for i, value in enumerate(self._run_bound(inputs))]
+                learn = key  # the first run of a shape learns its outputs' shapes, the buffers' sizes
+        outputs = self._run_bound(inputs)
+        if learn is not None:
+            self._fixed[learn] = self._fix(inputs, outputs)
+        return [value if i in keep_on_device else value.numpy() for i, value in enumerate(outputs)]
 
     def _run_bound(self, inputs: Sequence[np.ndarray | DeviceTensor]) -> list[DeviceTensor]:
         """One run with a new binding; every output as the OrtValue the run allocated."""

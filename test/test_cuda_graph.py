@@ -155,6 +155,8 @@ def test_asked_for_on_cpu_runs_without_and_says_why(tiny_c2f_dir):
     assert all("CPU" in why for why in seg.cuda_graph_notes.values())
     assert not any(b.fixed_io for b in seg.backends.values())
     assert Segmenter(tiny_c2f_dir, backend="onnx", device="cpu").cuda_graph_notes == {}
+    seg.backends["coarse"].cuda_graph = True  # as a CUDA session would be: captures then need warm-up runs
+    assert seg.cuda_graphs and seg.warmup_runs == 4
     ts = Segmenter(tiny_c2f_dir, backend="torchscript", device="cpu", cuda_graph=True)
     assert not ts.cuda_graphs and all("ONNX Runtime" in why for why in ts.cuda_graph_notes.values())
 
