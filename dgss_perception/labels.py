@@ -21,6 +21,38 @@ CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 
 
+# Colours for classes past the Cityscapes 19 are picked from this many levels per channel.
+_PALETTE_LEVELS = 16
+
+
+def palette_for(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """One RGB colour per class: the Cityscapes colours first, then generated ones, all distinct.
+
+    A label set larger than Cityscapes' (ADE20K's 150, Mapillary's 65) gets, for each further class,
+    the colour of a 16-level RGB grid farthest from every colour already taken (farthest-point
+    sampling, squared Euclidean distance), black excluded since ignored pixels are drawn black. The
+    result depends only on ``num_classes`` and its first 19 entries are always Cityscapes'.
+
+    Raises:
+        ValueError: ``num_classes`` outside 1–255 (uint8 labels, 255 = ignore).
+    """
+    if not 1 <= num_classes <= IGNORE_INDEX:
+        raise ValueError(f"a label set holds 1 to {IGNORE_INDEX} classes, got {num_classes}")
+    taken = [tuple(c) for c in CITYSCAPES_PALETTE[:num_classes]]
+    if num_classes <= len(CITYSCAPES_PALETTE):
+        return tuple(taken)
+    levels = np.linspace(0, 255, _PALETTE_LEVELS).round().astype(np.int64)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    chosen = np.asarray(taken + [(0, 0, 0)], dtype=np.int64)
+    # Distance of every grid colour to its nearest chosen colour, updated as colours are added.
+    nearest = ((grid[:, None, :] - chosen[None]) ** 2).sum(-1).min(axis=1)
+    for _ in range(num_classes - len(taken)):
+        pick = grid[int(np.argmax(nearest))]
+        taken.append(tuple(int(v) for v in pick))
+        nearest = np.minimum(nearest, ((grid - pick) ** 2).sum(-1))
+    return tuple(taken)
+
+
 def palette_lut(palette: list[list[int]] | tuple[tuple[int, int, int], ...]) -> np.ndarray:
     """256×3 uint8 lookup table; ids without a colour (255 = ignore included) map to black."""
     lut = np.zeros((256, 3), dtype=np.uint8)

@@ -301,3 +301,21 @@ def ros_domain_id() -> int:
     domain = 1 + os.getpid() % 100
     os.environ["ROS_DOMAIN_ID"] = str(domain)
     return domain
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which ROS 2 distro's rclpy and which key versions this run tests (CI runs Kilted and Jazzy)."""
+    import importlib.metadata as metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    distros = [d for d in ("humble", "jazzy", "kilted") if version(f"ros-{d}-rclpy")]
+    rclpy = version("ros-rclpy")
+    lines = [f"ROS 2 rclpy: {rclpy or 'not from wheels'} ({', '.join(distros) or 'distro of the ROS 2 install'})"]
+    found = {n: version(n) for n in ("torch", "timm", "peft", "onnxruntime", "onnxruntime-gpu", "transformers")}
+    lines.append("versions: " + ", ".join(f"{n} {v}" for n, v in found.items() if v))
+    return lines
