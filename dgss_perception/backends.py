@@ -9,6 +9,7 @@ torch; the TorchScript backend imports torch only when chosen.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Sequence
@@ -27,7 +28,8 @@ NO_GRAPH = "-1"
 MAX_FIXED_SHAPES = 8
 
 # An output left where the graph produced it: an ``onnxruntime.OrtValue`` (ONNX Runtime with IO binding) or a
-# ``torch.Tensor`` (TorchScript). Opaque to callers, who only pass it on to another graph of the same backend.
+# ``torch.Tensor`` (TorchScript). Callers pass it on to another graph of the same backend; the engine also reads
+# the torch tensors of a backend that ``holds_device_results`` (slide windows merged on that GPU).
 DeviceTensor = Any
 
 
@@ -36,6 +38,10 @@ class Backend(Protocol):
     device: str
     cuda_graph: bool  # runs replay captured CUDA graphs
     cuda_graph_note: str  # why not, when they were asked for
+    holds_device_results: bool  # outputs kept on the device are torch tensors on a GPU
+
+    def describe(self) -> str:
+        """Device, GPU name and how the graph runs there, as one line for logs and reports."""
 
     def run(self, inputs: Sequence[np.ndarray | DeviceTensor],
             keep_on_device: tuple[int, ...] = ()) -> list[np.ndarray | DeviceTensor]:
@@ -51,6 +57,36 @@ class Backend(Protocol):
 
 class BackendError(RuntimeError):
     """A backend that cannot be used here (missing library, provider or device)."""
+
+
+# The device forms every entry point takes: auto (a GPU where the backend finds one, else the CPU), cpu,
+# cuda (= cuda:0) and cuda:N (the N-th GPU as CUDA numbers them, i.e. after CUDA_VISIBLE_DEVICES).
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"(auto|cpu|cuda)(?::(\d+))?")
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` → (kind, GPU index); cuda is index 0, auto and cpu have None.
+
+    Raises ValueError naming the accepted forms for anything else (``gpu``, ``cuda:``, ``cpu:1``, ``cuda:-1``).
+    """
+    match = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise ValueError(f"unknown device {device!r} (choose {DEVICE_FORMS}, N the GPU index)")
+    kind = match.group(1)
+    return kind, (int(match.group(2) or 0) if kind == "cuda" else None)
+
+
+def gpu_name(device_id: int = 0) -> str:
+    """The marketing name of a CUDA GPU (``nvidia-smi``), e.g. ``NVIDIA H200``, or ``unknown GPU``."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", str(device_id)],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown GPU"
+    return out.strip().splitlines()[0].strip() if out.strip() else "unknown GPU"
 
 
 def gpu_identity(device_id: int = 0) -> str:
@@ -79,28 +115,32 @@ def trt_cache_dir(base: Path, checksum: str | None, gpu: str, precision: str) ->
 
 
 def onnx_providers(device: str, cache_dir: Path | None, precision: str = "fp32", cuda_graph: bool = False) -> list:
-    """Execution providers in preference order for a device (auto | cpu | cuda).
+    """Execution providers in preference order for a device (auto | cpu | cuda | cuda:N).
 
+    The GPU providers are given the device's index (``device_id``; 0 for auto and cuda).
     ``cuda_graph``: the CUDA provider capturing CUDA graphs, and not the TensorRT provider, which
     keeps one graph per session whatever the input shapes.
     """
     import onnxruntime as ort
 
+    kind, index = parse_device(device)
     available = set(ort.get_available_providers())
-    if device == "cpu":
+    if kind == "cpu":
         return ["CPUExecutionProvider"]
+    device_id = str(index or 0)
     chosen: list = []
     if "TensorrtExecutionProvider" in available and not cuda_graph:
-        options = {"trt_fp16_enable": precision == "fp16"}
+        options = {"device_id": device_id, "trt_fp16_enable": precision == "fp16"}
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
                            trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
         chosen.append(("TensorrtExecutionProvider", options))
     if "CUDAExecutionProvider" in available:
-        chosen.append(("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph else "CUDAExecutionProvider")
-    if device == "cuda" and not chosen:
-        raise BackendError("device 'cuda' requested but ONNX Runtime has no CUDA or TensorRT provider "
+        cuda_options = {"device_id": device_id, **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+        chosen.append(("CUDAExecutionProvider", cuda_options))
+    if kind == "cuda" and not chosen:
+        raise BackendError(f"device {device!r} requested but ONNX Runtime has no CUDA or TensorRT provider "
                            f"(available: {sorted(available)}); install onnxruntime-gpu")
     chosen.append("CPUExecutionProvider")
     return chosen
@@ -108,7 +148,7 @@ def onnx_providers(device: str, cache_dir: Path | None, precision: str = "fp32",
 
 def cuda_graph_refusal(device: str, available: Sequence[str], version: str) -> str:
     """Why CUDA graphs cannot be asked of ONNX Runtime here ("" when they can)."""
-    if device == "cpu":
+    if parse_device(device)[0] == "cpu":
         return "the session runs on the CPU"
     if "CUDAExecutionProvider" not in available:
         return "ONNX Runtime has no CUDA provider here"
@@ -133,10 +173,38 @@ class FixedBinding:
     run_options: Any  # carries this shape's CUDA graph id
 
 
+_PRELOADED: list[bool] = []  # preload_cuda_libraries ran in this process
+
+
+def preload_cuda_libraries(ort: Any, available: Sequence[str]) -> bool:
+    """Load the CUDA and cuDNN libraries of the pip wheels (the ``gpu`` extra) before a GPU session opens.
+
+    ``onnxruntime-gpu`` finds them only on the library path, where pip's ``nvidia-*`` wheels are not; torch
+    loads its own copies when imported, but the ONNX path runs without torch. ``onnxruntime.preload_dlls``
+    (1.21+) loads them from the wheels; libraries already loaded, or a system CUDA, are left as they are.
+    Returns whether it was called (once per process, and only where a GPU provider is built in).
+    """
+    if _PRELOADED or not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(available):
+        return False
+    _PRELOADED.append(True)
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()  # the nvidia wheels' folders in site-packages, then the library path
+        except Exception as exc:  # a missing wheel is not fatal: the system's libraries may serve
+            import logging
+
+            logging.getLogger(__name__).warning("onnxruntime.preload_dlls failed (%s); relying on the "
+                                                "library path for CUDA and cuDNN", exc)
+    return True
+
+
 class OnnxRuntimeBackend:
     """ONNX Runtime with TensorRT → CUDA → CPU providers, as available."""
 
     name = "onnxruntime"
+    # Outputs it keeps on the device are OrtValues, which only ONNX Runtime reads: merging slide windows there
+    # would need torch (or a merge graph of its own), so the engine merges this backend's windows on the host.
+    holds_device_results = False
 
     def __init__(self, path: Path, input_names: list[str], output_names: list[str], device: str = "auto",
                  threads: int = 0, checksum: str | None = None, precision: str = "fp32",
@@ -165,15 +233,19 @@ class OnnxRuntimeBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         if threads > 0:
             options.intra_op_num_threads = threads
+        kind, index = parse_device(device)
+        gpu = index or 0  # the GPU the CUDA and TensorRT providers are given (auto: the first)
         available = ort.get_available_providers()
+        if kind != "cpu":
+            preload_cuda_libraries(ort, available)
         self.cuda_graph_note = cuda_graph_refusal(device, available, ort.__version__) if cuda_graph else ""
         graphs = cuda_graph and not self.cuda_graph_note
 
         def trt_cache() -> Path | None:
-            if device == "cpu" or "TensorrtExecutionProvider" not in available:
+            if kind == "cpu" or "TensorrtExecutionProvider" not in available:
                 return None
             base = Path(os.environ.get("DGSS_TRT_CACHE", Path.home() / ".cache" / "dgss_perception" / "trt"))
-            return trt_cache_dir(base, checksum, gpu_identity(), precision)
+            return trt_cache_dir(base, checksum, gpu_identity(gpu), precision)
 
         providers = onnx_providers(device, None if graphs else trt_cache(), precision, graphs)
         try:
@@ -189,13 +261,14 @@ class OnnxRuntimeBackend:
             graphs = False
             self.session = ort.InferenceSession(str(path), sess_options=options,
                                                 providers=onnx_providers(device, trt_cache(), precision))
-        self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
+        self.device = f"cuda:{gpu}" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
         self.providers = self.session.get_providers()
-        if device == "cuda" and self.device == "cpu":
-            # A GPU provider that is listed but cannot start (missing CUDA or cuDNN libraries) leaves ONNX Runtime
-            # on the CPU with only a warning: asked for the GPU, that is an error, not a 100× slower node.
-            raise BackendError(f"device 'cuda' requested but ONNX Runtime could not start a GPU provider for {path} "
-                               f"(it runs on {self.providers}; its log says why)")
+        if kind == "cuda" and self.device == "cpu":
+            # A GPU provider that is listed but cannot start (missing CUDA or cuDNN libraries, or no GPU of that
+            # index) leaves ONNX Runtime on the CPU with only a warning: asked for the GPU, that is an error, not
+            # a 100× slower node.
+            raise BackendError(f"device {device!r} requested but ONNX Runtime could not start a GPU provider for "
+                               f"{path} (it runs on {self.providers}; its log says why)")
         self.cuda_graph: bool = graphs and self.providers[0] == "CUDAExecutionProvider"
         if graphs and not self.cuda_graph:
             self.cuda_graph_note = f"the session runs on {self.providers[0]}"
@@ -208,8 +281,8 @@ class OnnxRuntimeBackend:
         self.output_names = list(output_names)
         self.fixed_io: bool = self.cuda_graph if fixed_io is None else bool(fixed_io)
         self.io_binding: bool = (self.device != "cpu" if io_binding is None else bool(io_binding)) or self.fixed_io
-        # Where bound outputs are allocated: the session's GPU (CUDA and TensorRT run on device 0), else host.
-        self._output_device = ("cuda", 0) if self.device == "cuda" else ("cpu", 0)
+        # Where bound outputs are allocated: the GPU the session's providers were given, else host.
+        self._output_device = ("cuda", gpu) if self.device != "cpu" else ("cpu", 0)
         self._ort = ort
         self._fixed: dict[tuple, FixedBinding] = {}
         self._refused: set[tuple] = set()  # input shapes whose capture failed: they run without a graph
@@ -217,6 +290,11 @@ class OnnxRuntimeBackend:
         self._unfixed_options = ort.RunOptions()
         if self.fixed_io:
             self._unfixed_options.add_run_config_entry(GRAPH_ID, NO_GRAPH)
+
+    def describe(self) -> str:
+        """Where this session runs, e.g. ``cuda:1 (NVIDIA H200, ONNX Runtime providers: CUDAExecutionProvider, …)``."""
+        gpu = f"{gpu_name(self._output_device[1])}, " if self.device != "cpu" else ""
+        return f"{self.device} ({gpu}ONNX Runtime providers: {', '.join(self.providers)})"
 
     @property
     def fixed_shapes(self) -> int:
@@ -300,34 +378,90 @@ class OnnxRuntimeBackend:
                 for i, value in enumerate(fixed.outputs)]
 
 
+# Arithmetic precisions of the PyTorch path on a GPU: fp32 runs the graph as exported; bf16 and fp16 run it
+# under autocast (matrix products and convolutions in half precision, reductions such as softmax in float32).
+TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 class TorchScriptBackend:
-    """A TorchScript graph on CUDA or CPU."""
+    """A TorchScript graph on CUDA or CPU, in fp32 or under bf16/fp16 autocast."""
 
     name = "torchscript"
 
-    def __init__(self, path: Path, device: str = "auto", cuda_graph: bool = False) -> None:
-        """Load ``path`` onto ``device``; ``cuda_graph`` is ONNX Runtime's alone (``cuda_graph_note`` says so)."""
+    def __init__(self, path: Path, device: str = "auto", cuda_graph: bool = False, precision: str = "auto",
+                 gpu_precision: str = "bf16", graph_precision: str = "fp32") -> None:
+        """Load ``path`` onto ``device`` (auto | cpu | cuda | cuda:N); ``cuda_graph`` is ONNX Runtime's alone.
+
+        ``precision``: ``auto`` (``gpu_precision`` on a GPU, fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``
+        (also on the CPU, where torch's autocast takes both; slower there, but it checks the graph).
+        ``graph_precision``: the precision the graph was exported at (the card's ``precision``): a graph
+        already in fp16 runs as it is when fp16 (or fp32, which it cannot become) is asked for.
+        Outputs keep the card's interface whatever the precision: uint8 labels, float32 scores/confidence.
+        """
         self.cuda_graph = False
         self.cuda_graph_note = "CUDA graphs are captured by ONNX Runtime's CUDA provider only" if cuda_graph else ""
+        kind, index = parse_device(device)
+        for name, value in (("precision", precision), ("gpu_precision", gpu_precision)):
+            if value not in (*TORCH_PRECISIONS, "auto") or (name == "gpu_precision" and value == "auto"):
+                raise ValueError(f"unknown {name} {value!r} (choose from {', '.join(TORCH_PRECISIONS)}"
+                                 f"{' or auto' if name == 'precision' else ''})")
         try:
             import torch
         except ImportError as exc:
             raise BackendError("the torchscript backend needs torch") from exc
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise BackendError("device 'cuda' requested but torch sees no CUDA device")
+        if kind == "auto":
+            kind, index = ("cuda", 0) if torch.cuda.is_available() else ("cpu", None)
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendError(f"device {device!r} requested but torch sees no CUDA device")
+            count = torch.cuda.device_count()
+            if index >= count:
+                raise BackendError(f"device {device!r} requested but torch sees {count} CUDA device(s) "
+                                   f"(cuda:0 to cuda:{count - 1})")
         self.torch = torch
-        self.device = device
-        self.module = torch.jit.load(str(path), map_location=device).eval()
+        self.device = "cpu" if kind == "cpu" else f"cuda:{index}"
+        self._kind, self._index = kind, index
+        asked = (gpu_precision if kind == "cuda" else "fp32") if precision == "auto" else precision
+        if graph_precision == "fp16" and asked == "bf16":
+            # Its convolutions hold fp16 weights that bf16 autocast would feed bf16 inputs (a dtype error at run).
+            raise ValueError("precision 'bf16' over an fp16 package: its graphs compute in fp16 already; use "
+                             "auto or fp16 (or export the package in fp32 for bf16)")
+        # Autocast over a graph already at the asked precision (an fp16 export) would only add casts.
+        half = asked != "fp32" and asked != graph_precision
+        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[asked] if half else None
+        # The arithmetic precision in effect: without autocast, the graph's own (an fp16 graph stays fp16).
+        self.precision: str = asked if half else graph_precision
+        self.module = torch.jit.load(str(path), map_location=self.device).eval()
+
+    @property
+    def holds_device_results(self) -> bool:
+        """Outputs kept on the device stay on a GPU (torch tensors there), not in host memory."""
+        return self._kind == "cuda"
+
+    def describe(self) -> str:
+        """Where and how the graph runs, e.g. ``cuda:0 (NVIDIA H200, TorchScript, bf16 autocast)``."""
+        gpu = f"{self.torch.cuda.get_device_name(self._index)}, " if self._kind == "cuda" else ""
+        how = f"{self.precision} autocast" if self._autocast_dtype is not None else f"{self.precision} graph"
+        return f"{self.device} ({gpu}TorchScript, {how})"
 
     def run(self, inputs: Sequence[np.ndarray | DeviceTensor],
             keep_on_device: tuple[int, ...] = ()) -> list[np.ndarray | DeviceTensor]:
-        """Inputs in card order (numpy or torch tensors) → outputs in card order; see :class:`Backend`."""
+        """Inputs in card order (numpy or torch tensors) → outputs in card order; see :class:`Backend`.
+
+        Floating outputs come back as float32 (autocast leaves some in bf16/fp16), also those kept on the
+        device: the card's interface, which the next graph and the host merge expect.
+        """
         torch = self.torch
-        with torch.inference_mode():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if self._kind == "cuda":
+                # Tensors a graph creates on "the current GPU" land on this one, not on cuda:0.
+                stack.enter_context(torch.cuda.device(self._index))
+            if self._autocast_dtype is not None:
+                stack.enter_context(torch.autocast(device_type=self._kind, dtype=self._autocast_dtype))
             out = self.module(*(self._tensor(a) for a in inputs))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
+            outs = [o.float() if o.dtype in (torch.bfloat16, torch.float16) else o
+                    for o in (out if isinstance(out, (tuple, list)) else (out,))]
         return [o if i in keep_on_device else o.cpu().numpy() for i, o in enumerate(outs)]
 
     def _tensor(self, value: np.ndarray | DeviceTensor) -> DeviceTensor:

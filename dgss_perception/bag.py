@@ -49,7 +49,7 @@ from tqdm import tqdm
 import yaml
 
 from .codec import FrameError, compressed_to_rgb, encode_image_fields, encode_jpeg, image_to_rgb
-from .engine import BACKENDS, DEVICES, resize_labels
+from .engine import BACKENDS, device_arg, resize_labels
 from .labels import CITYSCAPES_CLASSES, IGNORE_INDEX
 from .metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
@@ -665,7 +665,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("output", type=Path, help="output bag directory (must not exist unless --overwrite)")
     p.add_argument("--model", type=Path, required=True, help="model package directory (holds card.json)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--topics", nargs="+", metavar="TOPIC", help="image topics to segment (default: all)")
     p.add_argument("--storage", choices=STORAGES, help="output storage (default: same as the input)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output bag")

@@ -84,7 +84,7 @@ import numpy as np
 
 from .benchutil import child_env, device_info, log_tail, make_frames, start_node, stop_node, summarize_ms
 from .codec import MAX_PIXELS, compressed_to_rgb, encode_image_fields, encode_jpeg, image_to_rgb
-from .engine import BACKENDS, DEVICES, resize_labels
+from .engine import BACKENDS, PRECISIONS, device_arg, resize_labels
 
 ENCODINGS = ("rgb8", "bgr8", "jpeg")
 # Environment that changes how DDS moves large messages; recorded in each report.
@@ -122,7 +122,12 @@ def add_parser(subparsers: Any) -> None:
         epilog=(__doc__ or "").partition("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="model package directory (holds card.json)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto | cpu | cuda | cuda:N (default auto); the report's backend.device_report says which "
+                        "device, GPU and providers were taken")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="torchscript arithmetic, in the engine and the node (default auto: the card's checked GPU "
+                        "precision on a GPU, fp32 on the CPU); ONNX Runtime takes auto or the card's precision")
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads (0 = runtime default)")
     p.add_argument("--spin-wait", action="store_true",
                    help="let ONNX Runtime's CPU threads busy-wait between operators, in the engine and the node "
@@ -176,7 +181,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def command_line(args: argparse.Namespace) -> str:
     """The run as one explicit command line, defaults included, so a report says exactly what ran."""
     parts = ["dgss-perception", "bench", "--model", str(args.model), "--backend", args.backend, "--device",
-             args.device, "--threads", str(args.threads), "--io-binding", args.io_binding]
+             args.device, "--precision", args.precision, "--threads", str(args.threads), "--io-binding",
+             args.io_binding]
     if args.spin_wait:
         parts.append("--spin-wait")
     if args.cuda_graph:
@@ -321,11 +327,11 @@ def measure_peak_gflops(device: str, size: int | None = None, budget_s: float = 
 
     cpu: fp32, the faster of numpy's BLAS and ONNX Runtime's own GEMM (MLAS, which the CPU backend
     runs; on this project's 2-core test VM it is ~1.8× numpy's), ``size`` 2048 by default.
-    cuda: torch fp32 (TF32 off), tf32, fp16 and bf16, ``size`` 8192 by default; empty when torch
-    sees no CUDA device.
+    cuda, cuda:N: torch fp32 (TF32 off), tf32, fp16 and bf16 on that GPU, ``size`` 8192 by default; empty
+    when torch sees no CUDA device.
     """
-    if device == "cuda":
-        return _peak_cuda(size or 8192, budget_s)
+    if device.startswith("cuda"):
+        return _peak_cuda(size or 8192, budget_s, device)
     n = size or 2048
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
@@ -342,7 +348,7 @@ def measure_peak_gflops(device: str, size: int | None = None, budget_s: float = 
     return {"fp32": round(2.0 * n ** 3 / best / 1e9, 2)}
 
 
-def _peak_cuda(n: int, budget_s: float) -> dict[str, float]:
+def _peak_cuda(n: int, budget_s: float, device: str = "cuda") -> dict[str, float]:
     try:
         import torch  # only here: the runtime never needs torch otherwise
     except ImportError:
@@ -351,39 +357,45 @@ def _peak_cuda(n: int, budget_s: float) -> dict[str, float]:
         return {}
     results: dict[str, float] = {}
     saved = torch.backends.cuda.matmul.allow_tf32
-    try:
-        for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
-                                  ("fp16", torch.float16, False), ("bf16", torch.bfloat16, False)):
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            a = torch.randn(n, n, device="cuda", dtype=dtype)
-            b = torch.randn(n, n, device="cuda", dtype=dtype)
-            torch.matmul(a, b)
-            torch.cuda.synchronize()
-            best = math.inf
-            start = time.perf_counter()
-            for i in range(10):
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                for _ in range(5):  # several per timing: one launch is too short to time alone
-                    torch.matmul(a, b)
-                end.record()
-                end.synchronize()
-                best = min(best, begin.elapsed_time(end) / 1e3 / 5)
-                if i >= 2 and time.perf_counter() - start > budget_s:
-                    break
-            results[name] = round(2.0 * n ** 3 / best / 1e9, 2)
-            del a, b
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+    # Events record on the current GPU's stream: make it the measured one.
+    with torch.cuda.device(torch.device(device)):
+        try:
+            for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
+                                      ("fp16", torch.float16, False), ("bf16", torch.bfloat16, False)):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                a = torch.randn(n, n, device=device, dtype=dtype)
+                b = torch.randn(n, n, device=device, dtype=dtype)
+                torch.matmul(a, b)
+                torch.cuda.synchronize(device)
+                best = math.inf
+                start = time.perf_counter()
+                for i in range(10):
+                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    begin.record()
+                    for _ in range(5):  # several per timing: one launch is too short to time alone
+                        torch.matmul(a, b)
+                    end.record()
+                    end.synchronize()
+                    best = min(best, begin.elapsed_time(end) / 1e3 / 5)
+                    if i >= 2 and time.perf_counter() - start > budget_s:
+                        break
+                results[name] = round(2.0 * n ** 3 / best / 1e9, 2)
+                del a, b
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
     return results
 
 
 def compute_floor(card: Any, mode: str, engine: dict[str, Any], device: str,
-                  peak_given: float | None) -> dict[str, Any]:
-    """FLOPs per frame, the device's peak and the floor they give, against the engine's inference median."""
+                  peak_given: float | None, precision: str | None = None) -> dict[str, Any]:
+    """FLOPs per frame, the device's peak and the floor they give, against the engine's inference median.
+
+    ``precision``: the arithmetic the engine ran at (bf16 under the torchscript backend's autocast; default
+    the card's), whose peak sets the floor.
+    """
     windows = card.inference_params.get("windows") if mode == "slide" else None
     flops = flops_per_frame(card.export, mode, engine["windows_refined_mean"], len(windows) if windows else None)
-    precision = card.precision
+    precision = precision or card.precision
     if peak_given is not None:
         peaks, source = {precision: peak_given}, "given"
     else:
@@ -766,7 +778,8 @@ def node_params(args: argparse.Namespace, model: Path) -> list[str]:
     # The statistics window is one phase long, so each phase's figures are its own when the node keeps up.
     params = [f"model:={model}", "qos_reliability:=reliable", "diagnostics_period:=0.5",
               f"stats_window:={args.node_frames}",
-              f"backend:={args.backend}", f"device:={args.device}", f"threads:={args.threads}",
+              f"backend:={args.backend}", f"device:={args.device}", f"precision:={args.precision}",
+              f"threads:={args.threads}",
               f"spin_wait:={str(args.spin_wait).lower()}", f"cuda_graph:={str(args.cuda_graph).lower()}"]
     if args.encoding == "jpeg":
         params.append("image_transport:=compressed")
@@ -854,7 +867,7 @@ def run_bench(args: argparse.Namespace) -> int:
         model = args.model.resolve()
         segmenter = Segmenter(model, backend=args.backend, device=args.device, threads=args.threads,
                               inference_mode=args.inference_mode, io_binding=IO_BINDING[args.io_binding],
-                              spin_wait=args.spin_wait, cuda_graph=args.cuda_graph)
+                              spin_wait=args.spin_wait, cuda_graph=args.cuda_graph, precision=args.precision)
     except (ValueError, FileExistsError, CardError, BackendError) as exc:  # CardError is a ValueError
         print(f"dgss-perception bench: error: {exc}", file=sys.stderr)
         return 2
@@ -870,6 +883,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "input": {"width": args.width, "height": args.height, "encoding": args.encoding,
                   "jpeg_quality": JPEG_QUALITY if args.encoding == "jpeg" else None, "pool": POOL_SIZE},
         "backend": {"name": segmenter.backend.name, "device": segmenter.backend.device,
+                    "device_report": segmenter.device_report, "precision": segmenter.precision,
+                    "precision_note": segmenter.precision_note or None,
+                    "merge_on_device": segmenter.merge_on_device if segmenter.mode == "slide" else None,
                     "providers": getattr(segmenter.backend, "providers", None), "threads": args.threads,
                     "spin_wait": args.spin_wait,
                     "io_binding": getattr(segmenter.backend, "io_binding", None),
@@ -885,10 +901,10 @@ def run_bench(args: argparse.Namespace) -> int:
                                     # Captures happen in warm-up, never in a measured frame.
                                     max(args.warmup, segmenter.warmup_runs) if segmenter.cuda_graphs else args.warmup)
     report["backend"]["cuda_graph_notes"] = segmenter.cuda_graph_notes  # with any capture that failed in a run
-    mode, device = segmenter.mode, segmenter.backend.device
+    mode, device, precision = segmenter.mode, segmenter.backend.device, segmenter.precision
     # Released before the peak measurement (its runtime's threads would compete) and before the node loads its own.
     del segmenter
-    report["compute_floor"] = compute_floor(card, mode, report["engine"], device, args.peak_gflops)
+    report["compute_floor"] = compute_floor(card, mode, report["engine"], device, args.peak_gflops, precision)
     code = 0
     report["raw_floor"] = report["node"] = report["dds"] = None
     report["error"] = None
@@ -992,6 +1008,8 @@ def format_table(r: dict[str, Any]) -> str:
         + f", threads {be['threads'] or 'default'}" + (", spin-wait" if be.get("spin_wait") else "")
         + (", CUDA graphs" if be.get("cuda_graph") else ""),
         f"device {dev['summary']}; GPU: {', '.join(dev['gpus']) or 'none'}",
+        *([f"ran on {be['device_report']}, precision {be.get('precision')}"] if be.get("device_report") else []),
+        *([f"warning: {be['precision_note']}"] if be.get("precision_note") else []),
         *(f"CUDA graphs, {graph} graph: {why}" for graph, why in be.get("cuda_graph_notes", {}).items()),
         f"date   {r['date']}",
         "",

@@ -26,6 +26,10 @@ MODE_GRAPHS = {"whole": ("whole",), "slide": ("window",), "coarse": ("coarse",),
 # stretch: the runtime resizes frames to the input size; stretch_in_graph: the graph takes frames of any
 # size (dimensions -1), resizes them itself and returns labels at the frame's size.
 RESIZE_POLICIES = ("stretch", "stretch_in_graph")
+# torch_gpu_precision: the arithmetic the PyTorch path runs the TorchScript graphs at on a GPU, as the export
+# checked it (bf16: autocast whose labels agreed with fp32 on the parity input; fp16: an fp16 package's own;
+# fp32: bf16 fell short). Optional: cards written before it was recorded have none (see the engine's rule).
+GPU_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class CardError(ValueError):
@@ -81,6 +85,7 @@ class ModelCard:
     precision: str
     checksums: dict[str, str]
     export: dict[str, Any] = field(default_factory=dict)
+    torch_gpu_precision: str | None = None  # one of GPU_PRECISIONS; None on cards that predate it
 
     @property
     def num_classes(self) -> int:
@@ -213,6 +218,10 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
                         f"card has {sorted(graphs)}")
     if mode == "coarse_to_fine" or "refine" in graphs:
         _check_coarse_to_fine(params, graphs, height, width, where)
+    gpu_precision = data.get("torch_gpu_precision")
+    if gpu_precision is not None and gpu_precision not in GPU_PRECISIONS:
+        raise CardError(f"{where}: torch_gpu_precision must be one of {', '.join(GPU_PRECISIONS)} (or absent), "
+                        f"got {gpu_precision!r}")
     if "window" in graphs:
         _check_windows(params, height, width, where)
         if resize != "stretch":
@@ -226,6 +235,7 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
         normalization=normalization, inference_mode=mode, inference_params=dict(params),
         graphs=graphs, precision=_require(data, "precision", str, where),
         checksums=dict(_require(data, "checksums", dict, where)), export=dict(data.get("export", {})),
+        torch_gpu_precision=gpu_precision,
     )
 
 

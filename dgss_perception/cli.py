@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .engine import BACKENDS, DEVICES
+from .engine import BACKENDS, PRECISIONS, device_arg
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -17,7 +17,10 @@ def _segment(args: argparse.Namespace) -> int:
     from .engine import Segmenter
     from .labels import colorize, overlay, palette_lut
 
-    seg = Segmenter(args.model, backend=args.backend, device=args.device)
+    seg = Segmenter(args.model, backend=args.backend, device=args.device, precision=args.precision)
+    print(f"{seg.card.name} on {seg.device_report}", file=sys.stderr)
+    if seg.precision_note:
+        print(f"warning: {seg.precision_note}", file=sys.stderr)
     lut = palette_lut(seg.card.palette)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model package directory")
     p.add_argument("--out", default="segment_output")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="torchscript arithmetic (default auto: the card's checked GPU precision on a GPU, fp32 on "
+                        "the CPU); ONNX Runtime takes auto or the card's precision")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay weight of the colour mask")
     p.set_defaults(func=_segment)
 
@@ -75,12 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backends import BackendError
     from .card import CardError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CardError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (CardError, BackendError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,12 +14,42 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .backends import Backend, BackendError, OnnxRuntimeBackend, TorchScriptBackend
+from .backends import (TORCH_PRECISIONS, Backend, BackendError, DeviceTensor, OnnxRuntimeBackend, TorchScriptBackend,
+                       parse_device)
 from .card import MODE_GRAPHS, CardError, ModelCard, load_card
 
 BACKENDS = ("auto", "onnx", "torchscript")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # device kinds; a GPU by index is cuda:N (parse_device)
+PRECISIONS = ("auto", *TORCH_PRECISIONS)
 OUTPUT_RESOLUTIONS = ("input", "network")
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type`` for ``--device``: the text when :func:`parse_device` takes it, else a usage error."""
+    import argparse
+
+    try:
+        parse_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def gpu_precision(card: ModelCard) -> tuple[str, str]:
+    """The PyTorch path's precision on a GPU for ``precision="auto"``, and a note when it was not checked.
+
+    The card's ``torch_gpu_precision`` where the export recorded it. A card without it (exported before the
+    check existed): an fp16 package runs as its fp16 graphs; an fp32 package runs bf16 autocast, unchecked
+    (it is ~6× faster than fp32 on current GPUs, and bf16 keeps fp32's range), and the note says so for the
+    log; ``precision="fp32"`` or a re-export (which records the check) settles it.
+    """
+    if card.torch_gpu_precision is not None:
+        return card.torch_gpu_precision, ""
+    if card.precision == "fp16":
+        return "fp16", ""
+    return "bf16", (f"model card {card.name} has no torch_gpu_precision (exported before bf16 was checked): "
+                    "the torchscript backend runs bf16 autocast on the GPU without a recorded label agreement; "
+                    "set precision to fp32 for the exported arithmetic, or re-export to have bf16 checked")
 
 
 @dataclass
@@ -98,7 +128,8 @@ class Segmenter:
     Args:
         model_dir: directory holding ``card.json`` and the graphs.
         backend: ``auto`` (ONNX Runtime when importable and exported, else TorchScript), ``onnx`` or ``torchscript``.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the N-th GPU); :attr:`device_report` says which
+            device (and GPU, providers, precision) was taken.
         output_resolution: ``input`` (labels at the frame's size) or ``network`` (the graph's grid).
         threads: ONNX Runtime intra-op threads (0 = its default).
         inference_mode: ``whole``, ``slide``, ``coarse`` or ``coarse_to_fine`` where the package offers
@@ -114,16 +145,27 @@ class Segmenter:
         cuda_graph: ONNX Runtime's CUDA provider (instead of TensorRT's) captures each input shape's run
             of a graph as a CUDA graph and replays it; graphs it cannot capture run without
             (``cuda_graph_notes`` says why).
+        precision: the torchscript backend's arithmetic: ``auto`` (on a GPU the card's ``torch_gpu_precision``,
+            see :func:`gpu_precision`; fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16`` (autocast; taken on the CPU
+            too). ONNX Runtime runs graphs at their exported precision: it takes ``auto`` or the card's
+            ``precision``, and ``backend="auto"`` with another precision chooses torchscript. Results are
+            uint8 labels and float32 confidence at any precision.
+        merge_on_device: slide: sum and reduce the windows' scores where the backend produced them (torch
+            tensors), so only labels and confidence come back to the host (None = where the backend holds its
+            results on a GPU, i.e. torchscript on CUDA; True needs the torchscript backend; ONNX Runtime's
+            windows are merged on the host).
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str = "auto",
                  output_resolution: str = "input", threads: int = 0, inference_mode: str | None = None,
                  theta: float | None = None, c_tau: float | None = None, window_batch: int = 0,
-                 io_binding: bool | None = None, spin_wait: bool = False, cuda_graph: bool = False) -> None:
+                 io_binding: bool | None = None, spin_wait: bool = False, cuda_graph: bool = False,
+                 precision: str = "auto", merge_on_device: bool | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-        if device not in DEVICES:
-            raise ValueError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
+        parse_device(device)  # ValueError naming the accepted forms
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
         if output_resolution not in OUTPUT_RESOLUTIONS:
             raise ValueError(f"unknown output_resolution {output_resolution!r} "
                              f"(choose from {', '.join(OUTPUT_RESOLUTIONS)})")
@@ -154,29 +196,54 @@ class Segmenter:
             self._inverse_count = 1.0 / count
         graphs = MODE_GRAPHS[self.mode]
         self.graph = self.card.graphs[graphs[0]]
+        self._gpu_precision, note = gpu_precision(self.card)
         self.backends: dict[str, Backend] = {
-            g: self._open_backend(g, backend, device, threads, io_binding, spin_wait, cuda_graph) for g in graphs}
+            g: self._open_backend(g, backend, device, threads, io_binding, spin_wait, cuda_graph, precision)
+            for g in graphs}
         self.backend: Backend = self.backends[graphs[0]]
+        # The arithmetic the graphs run at: the torchscript backend's (autocast or the graph's own), else the card's.
+        self.precision: str = getattr(self.backend, "precision", self.card.precision)
+        on_gpu_torch = any(isinstance(b, TorchScriptBackend) and b.holds_device_results for b in self.backends.values())
+        # Only where the unchecked rule actually chose bf16 autocast on a GPU.
+        self.precision_note: str = note if precision == "auto" and on_gpu_torch and self.precision == "bf16" else ""
+        descriptions = {g: b.describe() for g, b in self.backends.items()}
+        # One line saying which device, GPU, providers and precision were taken (per graph where they differ).
+        self.device_report: str = (next(iter(descriptions.values())) if len(set(descriptions.values())) == 1
+                                   else "; ".join(f"{g}: {d}" for g, d in descriptions.items()))
+        if merge_on_device and not all(isinstance(b, TorchScriptBackend) for b in self.backends.values()):
+            raise ValueError("merge_on_device needs the torchscript backend (ONNX Runtime's windows merge on the host)")
+        self.merge_on_device: bool = self.mode == "slide" and (
+            all(b.holds_device_results for b in self.backends.values()) if merge_on_device is None
+            else bool(merge_on_device))
+        self._inverse_count_device: DeviceTensor | None = None  # slide: 1 / overlap count, on the backend's device
         self.windows_total = 0
         self.windows_refined = 0
 
     def _open_backend(self, graph: str, backend: str, device: str, threads: int,
-                      io_binding: bool | None = None, spin_wait: bool = False, cuda_graph: bool = False) -> Backend:
+                      io_binding: bool | None = None, spin_wait: bool = False, cuda_graph: bool = False,
+                      precision: str = "auto") -> Backend:
         spec = self.card.graphs[graph]
+        onnx_precision = precision in ("auto", self.card.precision)
         if backend == "auto":
             try:
                 import onnxruntime  # noqa: F401
-                backend = "onnx" if spec.onnx else "torchscript"
+                # Another arithmetic than the exported one is the PyTorch path's (autocast).
+                backend = "onnx" if spec.onnx and (onnx_precision or not spec.torchscript) else "torchscript"
             except ImportError:
                 backend = "torchscript"
         path = self.card.graph_path(graph, backend)
         if backend == "onnx":
+            if not onnx_precision:
+                raise ValueError(f"precision {precision!r}: ONNX Runtime runs the graphs at their exported precision "
+                                 f"({self.card.precision}); bf16/fp16 arithmetic over an fp32 package is the "
+                                 "torchscript backend's (or export the package with --precision fp16)")
             return OnnxRuntimeBackend(path, [i.name for i in spec.inputs], [o.name for o in spec.outputs],
                                       device=device, threads=threads, checksum=self.card.checksums.get(path.name),
                                       precision=self.card.precision, io_binding=io_binding, spin_wait=spin_wait,
                                       cuda_graph=cuda_graph)
         if backend == "torchscript":
-            return TorchScriptBackend(path, device=device, cuda_graph=cuda_graph)
+            return TorchScriptBackend(path, device=device, cuda_graph=cuda_graph, precision=precision,
+                                      gpu_precision=self._gpu_precision, graph_precision=self.card.precision)
         raise BackendError(f"unknown backend {backend}")
 
     @property
@@ -293,8 +360,11 @@ class Segmenter:
         """One frame (1,H,W,3) at the working size → labels (1,H,W), max softmax (1,H,W).
 
         The card's windows go through the window graph ``window_batch`` at a time; their scores are
-        summed where windows overlap, divided by the overlap count, and reduced by softmax and argmax.
+        summed where windows overlap, divided by the overlap count, and reduced by softmax and argmax:
+        on the host, or with :attr:`merge_on_device` where the backend left them (:meth:`_run_slide_on_device`).
         """
+        if self.merge_on_device:
+            return self._run_slide_on_device(batch)
         frame, w = batch[0], self._window
         total = None
         for start in range(0, len(self._windows), self.window_batch):
@@ -307,6 +377,35 @@ class Segmenter:
         total *= self._inverse_count
         labels, confidence = _softmax_max_argmax(total)
         return [labels[None], confidence[None]]
+
+    def _run_slide_on_device(self, batch: np.ndarray) -> list[np.ndarray]:
+        """:meth:`_run_slide` with the frame, windows, score sum and reduction on the torchscript backend's device.
+
+        The K×C×w×w scores of each run never leave the device (at 2048×1024 a frame's windows hold ~360 MB of
+        float32 scores); only uint8 labels (1,H,W) and float32 confidence (1,H,W) come back. The sums run in
+        the host merge's order, so the labels equal it exactly and the confidence to float32 rounding of exp.
+        """
+        backend = self.backend
+        torch = backend.torch
+        w = self._window
+        with torch.inference_mode():
+            frame = torch.from_numpy(np.ascontiguousarray(batch[0])).to(backend.device)  # (H,W,3) uint8, one copy
+            if self._inverse_count_device is None:
+                self._inverse_count_device = torch.from_numpy(self._inverse_count).to(backend.device)
+            total = None
+            for start in range(0, len(self._windows), self.window_batch):
+                corners = self._windows[start:start + self.window_batch]
+                windows = torch.stack([frame[y:y + w, x:x + w] for y, x in corners])
+                (scores,) = backend.run([windows], keep_on_device=(0,))
+                if total is None:
+                    total = torch.zeros((scores.shape[1], *frame.shape[:2]), dtype=torch.float32, device=frame.device)
+                for (y, x), window_scores in zip(corners, scores):
+                    total[:, y:y + w, x:x + w] += window_scores
+            total *= self._inverse_count_device
+            labels = total.argmax(dim=0)
+            top = total.gather(0, labels[None])
+            confidence = 1.0 / torch.exp(total - top).sum(dim=0)
+            return [labels.to(torch.uint8).cpu().numpy()[None], confidence.float().cpu().numpy()[None]]
 
     def _run_coarse_to_fine(self, batch: np.ndarray) -> tuple[list[np.ndarray], int]:
         """One frame (1,H,W,3) through the coarse graph and, where it is unsure, the refine graph.

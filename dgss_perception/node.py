@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import array
 import json
+import re
 import statistics
 import threading
 import time
@@ -47,10 +48,10 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from .backends import BackendError
+from .backends import BackendError, parse_device
 from .card import CardError, ModelCard
 from .codec import FrameError, compressed_to_rgb, encode_image_fields, image_to_rgb
-from .engine import BACKENDS, DEVICES, OUTPUT_RESOLUTIONS, Segmenter
+from .engine import BACKENDS, OUTPUT_RESOLUTIONS, PRECISIONS, Segmenter
 from .labels import colorize, confidence_to_mono8, overlay, palette_lut
 
 try:  # vision_msgs is part of a ROS 2 install, not of the pip wheels.
@@ -68,7 +69,9 @@ OUTPUTS = ("labels", "labels/color", "labels/overlay", "labels/confidence", "lab
 PARAMETERS: dict[str, tuple[Any, str]] = {
     "model": ("", "model package directory (holds card.json)"),
     "backend": ("auto", "auto | onnx | torchscript"),
-    "device": ("auto", "auto | cpu | cuda"),
+    "device": ("auto", "auto | cpu | cuda | cuda:N (the N-th GPU); the log and /diagnostics say which was taken"),
+    "precision": ("auto", "torchscript arithmetic: auto (GPU: the card's checked torch_gpu_precision; CPU: fp32) | "
+                          "fp32 | bf16 | fp16; ONNX Runtime takes auto or the card's precision"),
     "cameras": ([""], "camera namespaces served by this node; [''] = the node's own namespace"),
     "image_transport": ("raw", "raw (subscribe 'image') | compressed (subscribe 'image/compressed')"),
     "camera_info": (False, "subscribe '<cam>/camera_info' and republish it as '<cam>/labels/camera_info'"),
@@ -99,10 +102,16 @@ def read_parameters(node: Node) -> dict[str, Any]:
     """Current parameter values, validated; raises ValueError naming the bad one."""
     p = {name: node.get_parameter(name).value for name in PARAMETERS}
     cams = list(p["cameras"] or [])
+    try:
+        parse_device(p["device"])
+        device_ok, device_problem = True, ""
+    except ValueError as exc:
+        device_ok, device_problem = False, f"parameter 'device': {exc}"
     checks = [
         (bool(p["model"]), "parameter 'model' must name a model package directory"),
         (p["backend"] in BACKENDS, f"backend must be one of {BACKENDS}, got {p['backend']!r}"),
-        (p["device"] in DEVICES, f"device must be one of {DEVICES}, got {p['device']!r}"),
+        (device_ok, device_problem),
+        (p["precision"] in PRECISIONS, f"precision must be one of {PRECISIONS}, got {p['precision']!r}"),
         (bool(cams) and len(set(cams)) == len(cams), f"cameras must be distinct namespaces, got {cams}"),
         (p["image_transport"] in TRANSPORTS,
          f"image_transport must be raw or compressed, got {p['image_transport']!r}"),
@@ -208,13 +217,22 @@ class SegmentationMixin:
                                    output_resolution=p["output_resolution"], threads=p["threads"],
                                    inference_mode=p["inference_mode"] or None, theta=p["confidence_threshold"],
                                    c_tau=p["refine_fraction"], window_batch=p["window_batch"],
-                                   spin_wait=bool(p["spin_wait"]), cuda_graph=bool(p["cuda_graph"]))
+                                   spin_wait=bool(p["spin_wait"]), cuda_graph=bool(p["cuda_graph"]),
+                                   precision=p["precision"])
         card = self.segmenter.card
         self.lut = palette_lut(card.palette)
+        self.get_logger().info(f"model {card.name} on {self.segmenter.device_report}")
+        if self.segmenter.precision_note:
+            self.get_logger().warning(self.segmenter.precision_note)
         # Warm-up outside the stream: the first real frame must not pay for lazy initialisation.
         # (CUDA graphs: also the runs before capture and the capture itself, at the network's size.)
-        for _ in range(self.segmenter.warmup_runs):
-            self.segmenter.segment(np.zeros((*self.segmenter.network_size, 3), np.uint8))
+        try:
+            for _ in range(self.segmenter.warmup_runs):
+                self.segmenter.segment(np.zeros((*self.segmenter.network_size, 3), np.uint8))
+        except Exception as exc:  # torch (device mismatch, out of memory) and ONNX Runtime errors share no base
+            # The model loaded but cannot run here: a startup error like a bad package, not a crash.
+            raise BackendError(f"warm-up inference of {card.name} on {self.segmenter.device_report} failed: "
+                               f"{one_line(exc)}") from exc
         for graph, why in self.segmenter.cuda_graph_notes.items():
             self.get_logger().warning(f"cuda_graph, {graph} graph: {why}")
         table = Parameter("class_table", value=class_table(card))
@@ -502,6 +520,8 @@ class SegmentationMixin:
             stats_frames=str(len(latencies)),
             batch_mean=f"{statistics.mean(batches):.2f}" if batches else "nan",
             backend=f"{self.segmenter.backend.name}/{self.segmenter.backend.device}",
+            device=self.segmenter.device_report,
+            precision=self.segmenter.precision,
             inference_mode=self.segmenter.mode,
         )
         if self.segmenter.windows_total:
@@ -607,6 +627,17 @@ def scaled_camera_info(info: CameraInfo, header: Any, height: int, width: int) -
     out.k, out.p = (scale @ k).reshape(-1).tolist(), (scale @ p).reshape(-1).tolist()
     out.width, out.height = width, height
     return out
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: ``Type: message``.
+
+    A TorchScript error's message is the interpreter's traceback, whose last line is the error itself
+    (``RuntimeError: Expected all tensors to be on the same device, …``): that line is the one kept.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last if re.match(r"[A-Za-z_.]*(Error|Exception):", last) else f"{type(exc).__name__}: {last}".rstrip(": ")
 
 
 def _resize_like(rgb: np.ndarray, like: np.ndarray) -> np.ndarray:

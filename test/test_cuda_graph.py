@@ -122,15 +122,14 @@ def test_slide_windows_on_fixed_buffers(tiny_depthforge_dir):
 
 def test_providers_ask_the_cuda_provider_for_graphs(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert onnx_providers("cuda", None, cuda_graph=True) == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}),
-                                                             "CPUExecutionProvider"]
-    assert onnx_providers("cuda", None) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    graphs = [("CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+    assert onnx_providers("cuda", None, cuda_graph=True) == graphs
+    assert onnx_providers("cuda", None) == [("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"]
     assert onnx_providers("cpu", None, cuda_graph=True) == ["CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
     # TensorRT keeps one graph per session whatever the shapes: asking for graphs means the CUDA provider.
-    assert onnx_providers("cuda", None, cuda_graph=True) == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}),
-                                                             "CPUExecutionProvider"]
+    assert onnx_providers("cuda", None, cuda_graph=True) == graphs
     assert [p if isinstance(p, str) else p[0] for p in onnx_providers("cuda", None)] == [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 

@@ -138,6 +138,11 @@ def test_diagnostics_report_latency_inference_and_overhead_over_the_window(raw_n
     overhead = float(values["overhead_median_ms"])
     # Per frame, latency = inference + overhead, so the overhead's median lies below the latency's.
     assert 0 < inference < latency and 0 < overhead < latency
+    # Which device, providers and arithmetic the node took (device auto on a machine without a GPU provider).
+    if values["backend"] == "onnxruntime/cpu":
+        assert values["device"] == "cpu (ONNX Runtime providers: CPUExecutionProvider)"
+    assert values["device"].startswith(values["backend"].split("/")[1] + " (") and values["precision"] == "fp32"
+    assert f"model tiny_test on {values['device']}" in raw_node.log.read_text()
 
 
 def test_colour_and_confidence_published_when_subscribed(raw_node):

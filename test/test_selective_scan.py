@@ -11,6 +11,7 @@ Tolerances, as max|got − ref| ≤ tol · max|ref| per tensor:
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Dict, Optional
 
@@ -202,3 +203,79 @@ def test_dispatch_matches_mamba_ssm_kernel() -> None:
     assert _rel_err(chunked, reference) < 1e-4
     assert _rel_err(kernel_out, reference) < 1e-3  # the kernel's own float32 summation order
     assert _rel_err(chunked, kernel_out) < 1e-3
+
+
+def _fake_mamba(monkeypatch: pytest.MonkeyPatch, interface: object) -> None:
+    """``mamba_ssm`` in sys.modules as an installed package whose selective_scan_interface is ``interface``."""
+    import types
+
+    package, ops = types.ModuleType("mamba_ssm"), types.ModuleType("mamba_ssm.ops")
+    package.__path__, ops.__path__ = [], []  # packages, so their submodules resolve from sys.modules
+    package.ops, ops.selective_scan_interface = ops, interface
+    monkeypatch.setitem(sys.modules, "mamba_ssm", package)
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops", ops)
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", interface)
+
+
+@pytest.fixture()
+def fresh_loader():
+    """The kernel loader without its cached answer, before and after the test."""
+    from training.models import selective_scan as module
+
+    module._load_kernel.cache_clear()
+    yield module
+    module._load_kernel.cache_clear()
+
+
+def test_absent_mamba_ssm_falls_back_silently(fresh_loader, monkeypatch, caplog) -> None:
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # the import system's "not installed"
+    with caplog.at_level("WARNING"):
+        assert not fresh_loader.kernel_available()
+    assert not caplog.records
+    args = _inputs(length=20)
+    assert _rel_err(selective_scan(**args, delta_softplus=True),
+                    selective_scan_reference(**args, delta_softplus=True)) < 1e-4
+
+
+def test_broken_mamba_ssm_is_logged_with_its_reason(fresh_loader, monkeypatch, caplog) -> None:
+    """An installed mamba_ssm whose CUDA extension cannot load: a warning naming why, then the chunked scan."""
+    import types
+
+    class BrokenExtension(types.ModuleType):
+        def __getattr__(self, name: str) -> object:
+            raise OSError("libcudart.so.11.0: cannot open shared object file")
+
+    _fake_mamba(monkeypatch, BrokenExtension("mamba_ssm.ops.selective_scan_interface"))
+    with caplog.at_level("WARNING", logger="training.models.selective_scan"):
+        assert not fresh_loader.kernel_available()
+    (record,) = caplog.records
+    assert "OSError" in record.getMessage() and "libcudart.so.11.0" in record.getMessage()
+    assert "pure-PyTorch" in record.getMessage()
+    args = _inputs(length=20)
+    assert _rel_err(selective_scan(**args, delta_softplus=True),
+                    selective_scan_reference(**args, delta_softplus=True)) < 1e-4
+
+
+def test_mamba_ssm_missing_a_dependency_is_logged_too(fresh_loader, monkeypatch, caplog) -> None:
+    """A ModuleNotFoundError for something else than mamba_ssm itself is a broken install, not an absent one."""
+    import types
+
+    class MissingDependency(types.ModuleType):
+        def __getattr__(self, name: str) -> object:
+            raise ModuleNotFoundError("No module named 'causal_conv1d'", name="causal_conv1d")
+
+    _fake_mamba(monkeypatch, MissingDependency("mamba_ssm.ops.selective_scan_interface"))
+    with caplog.at_level("WARNING", logger="training.models.selective_scan"):
+        assert not fresh_loader.kernel_available()
+    assert len(caplog.records) == 1 and "causal_conv1d" in caplog.records[0].getMessage()
+
+
+def test_a_working_mamba_ssm_is_taken(fresh_loader, monkeypatch, caplog) -> None:
+    import types
+
+    interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    interface.selective_scan_fn = lambda *args, **kwargs: "kernel"
+    _fake_mamba(monkeypatch, interface)
+    with caplog.at_level("WARNING"):
+        assert fresh_loader._load_kernel() is interface.selective_scan_fn
+    assert not caplog.records

@@ -194,6 +194,41 @@ def _add_agreement(results: list[dict[str, Any]], labels: dict[str, np.ndarray],
         r["label_agreement_fp32"] = label_agreement(labels[r["graph"]], want)
 
 
+def _add_bf16_agreement(record: dict[str, Any], ts_path: Path, inputs: list[np.ndarray], labels32: np.ndarray,
+                        output_kind: str) -> None:
+    """Put into ``record`` the share of pixels where the TorchScript graph under bf16 autocast keeps its fp32 labels.
+
+    The runtime's PyTorch path runs fp32 graphs under bf16 autocast on a GPU; torch's CPU autocast casts the
+    same operators (matrix products, convolutions) to bf16, so the export checks that arithmetic here, on the
+    parity inputs, against ``labels32`` (the graph's own labels in fp32). ``label_agreement_bf16`` is 0, with
+    the reason in ``bf16_error``, for a graph that fails under autocast.
+    """
+    module = torch.jit.load(str(ts_path))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = module(*(torch.from_numpy(a) for a in inputs))
+    except RuntimeError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        record["label_agreement_bf16"], record["bf16_error"] = 0.0, lines[-1] if lines else type(exc).__name__
+        return
+    outputs = [t.float().numpy() if t.is_floating_point() else t.numpy()
+               for t in (got if isinstance(got, (tuple, list)) else (got,))]
+    record["label_agreement_bf16"] = label_agreement(_labels_of(outputs, output_kind), labels32)
+
+
+def torch_gpu_precision(parity: list[dict[str, Any]], precision: str, min_label_agreement: float) -> str:
+    """The card's ``torch_gpu_precision``: the arithmetic the runtime's PyTorch path may run on a GPU.
+
+    fp16 for an fp16 package (its graphs are half already; ``label_agreement_fp32`` checks them); bf16 for
+    an fp32 package whose every TorchScript parity record kept at least ``min_label_agreement`` of its labels
+    under bf16 autocast; else fp32.
+    """
+    if precision == "fp16":
+        return "fp16"
+    agreements = [r["label_agreement_bf16"] for r in parity if "label_agreement_bf16" in r]
+    return "bf16" if agreements and min(agreements) >= min_label_agreement else "fp32"
+
+
 def _reference_probs(graph: SegmentationGraph, image: torch.Tensor) -> np.ndarray:
     """Softmax (N,C,H,W) behind a whole graph's labels, at the labels' size (for tie detection)."""
     logits_graph = SegmentationGraph(graph.model, graph.mean, graph.std, "logits")
@@ -291,6 +326,8 @@ def run_parity(graph: nn.Module, onnx_path: Path | None, ts_path: Path | None, s
             got = [t.numpy() for t in module(torch.from_numpy(image))]
         results.append(compare("torchscript", got, ref, ref_probs, output_kind, atol))
         labels["torchscript"] = _labels_of(got, output_kind)
+        if graph32 is None:  # an fp32 export: may the PyTorch path run it in bf16 on a GPU?
+            _add_bf16_agreement(results[-1], ts_path, [image], labels["torchscript"], output_kind)
     if graph32 is not None:
         with torch.no_grad():
             want = _labels_of([t.numpy() for t in graph32(torch.from_numpy(image))], output_kind)
@@ -548,6 +585,9 @@ def _export_slide(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, i
     if precision != "fp32":
         with torch.no_grad():
             _add_agreement(parity, labels, make("fp32")(torch.from_numpy(crops))[0].numpy().argmax(axis=1))
+    elif spec["torchscript"]:
+        _add_bf16_agreement(next(r for r in parity if r["graph"] == "window/torchscript"), out / spec["torchscript"],
+                            [crops], labels["window/torchscript"], "logits")
     params = {"window": window, "stride": inf.stride, "windows": [list(c) for c in windows]}
     return {"window": spec}, {"mode": "slide", "params": params}, parity, flops
 
@@ -584,6 +624,8 @@ def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, 
                        and r["window_confident_max_abs_diff"] <= max(1e-3, atol))
         results.append(r)
         labels[r["graph"]] = got[0]
+        if kind == "torchscript" and graphs32 is None:
+            _add_bf16_agreement(r, out / spec["torchscript"], [image, theta], got[0], "labels_confidence")
     _add_agreement(results, labels, None if ref32 is None else ref32[0])
     spec = graphs["refine"]
     names = [i["name"] for i in spec["inputs"]]
@@ -601,6 +643,8 @@ def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, 
             r["windows"] = windows.tolist()
             results.append(r)
             refined[r["graph"]] = got[0]
+            if kind == "torchscript" and graphs32 is None:
+                _add_bf16_agreement(r, out / spec["torchscript"], feeds, got[0], "labels_confidence")
         if graphs32 is not None and ref32 is not None:
             with torch.no_grad():
                 want32 = graphs32[1](*(torch.from_numpy(a) for a in (image, ref32[2], windows)))[0].numpy()
@@ -642,7 +686,11 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         precision: ``fp32``, or ``fp16`` (weights and arithmetic in half precision; uint8 in, float32
             confidence / scores out, normalisation and softmax in float32). An fp16 package records
             each graph's label agreement with the fp32 model (``label_agreement_fp32`` in the parity
-            records) and fails below ``min_label_agreement``.
+            records) and fails below ``min_label_agreement``. An fp32 package's TorchScript parity records
+            hold ``label_agreement_bf16`` (the same graph under bf16 autocast against itself in fp32, on
+            the parity input); the card's ``torch_gpu_precision`` is then bf16 where each reaches
+            ``min_label_agreement``, else fp32 (fp16 for an fp16 package): the precision the runtime's
+            PyTorch path takes on a GPU by default.
 
     Returns:
         The card as written; ``card["export"]["flops"]`` holds the FLOPs per run of each graph:
@@ -739,7 +787,9 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         # Twice: at the top for anyone reading card.json, in ``export`` for the runtime's ModelCard.export.
         card["benchmark"] = True
         card["export"]["benchmark"] = True
-    if precision != "fp32":
+    if any(spec.get("torchscript") for spec in graphs.values()):
+        card["torch_gpu_precision"] = torch_gpu_precision(parity, precision, min_label_agreement)
+    if precision != "fp32" or "torch_gpu_precision" in card:
         card["export"]["min_label_agreement"] = min_label_agreement
     for r in parity:
         if r.get("attention_margin") is not None and r["attention_margin"] < ATTENTION_MARGIN[precision]:
@@ -789,6 +839,8 @@ def print_parity(card: dict) -> None:
     for r in card["export"]["parity"]:
         agreement = r.get("label_agreement_fp32")
         extra = "" if agreement is None else f", labels equal to fp32 on {agreement:.2%} of pixels"
+        if r.get("label_agreement_bf16") is not None:
+            extra += f", bf16 autocast keeps {r['label_agreement_bf16']:.2%} of its labels"
         print(f"parity {r['graph']}: max abs diff {r['max_abs_diff']:.3g}{extra} ({'ok' if r['ok'] else 'FAILED'})")
 
 
@@ -821,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp16: half-precision weights and arithmetic, label agreement with fp32 checked")
     parser.add_argument("--min-label-agreement", type=float, default=0.98,
-                        help="fp16: fail when a graph's labels equal the fp32 model's on fewer pixels than this")
+                        help="fp16: fail when a graph's labels equal the fp32 model's on fewer pixels than this; "
+                        "fp32: the card's torch_gpu_precision is bf16 only where bf16 autocast keeps this share")
     parser.add_argument("--parity-seed", type=int,
                         help="seed of the parity inputs (default: fresh; each parity record carries its seed)")
     parser.add_argument("--name", help="package name (default: the config's name)")

@@ -33,6 +33,8 @@ All arithmetic runs in float32 at least (float64 stays float64); the output has 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import logging
 import math
 from typing import Callable, Optional, Tuple, Union
 
@@ -168,7 +170,8 @@ def _segment_decay(log_a: torch.Tensor) -> torch.Tensor:
     to rounding; and the upper triangle is set to −inf before the exponential, so no entry overflows.
     """
     q = log_a.shape[-1]
-    ones = torch.ones(q, q, dtype=torch.bool, device=log_a.device)
+    # Made from log_a, not with device=: a traced graph would hold the tracing device as a literal.
+    ones = log_a.new_ones(q, q, dtype=torch.bool)
     strict = torch.tril(ones, diagonal=-1)  # [k, τ]: k > τ
     lower = torch.tril(ones)  # [t, τ]: t ≥ τ
     segments = log_a.unsqueeze(-1).expand(*log_a.shape, q).masked_fill(~strict, 0.0).cumsum(dim=-2)
@@ -257,12 +260,31 @@ def selective_scan_chunked(
 
 @functools.lru_cache(maxsize=1)
 def _load_kernel() -> Optional[Callable[..., ScanOutput]]:
-    """mamba_ssm's fused ``selective_scan_fn``, or None where it is not installed (or its build is broken)."""
+    """mamba_ssm's fused ``selective_scan_fn``, or None where it is not installed or cannot load.
+
+    Not installed (no ``mamba_ssm`` package) is the usual case off a GPU and passes silently. An installed
+    mamba_ssm that fails to import (a CUDA extension built for another torch, a missing dependency or
+    library) is worth knowing, since the scan is then several times slower: it is logged as a warning with
+    the reason, once, and the pure-PyTorch chunked scan is used.
+    """
+    if not _installed("mamba_ssm"):
+        return None
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # ImportError, or OSError/RuntimeError from a CUDA extension built for another torch
+    except Exception as exc:  # ImportError (undefined symbol, missing dependency), OSError, RuntimeError
+        logging.getLogger(__name__).warning(
+            "mamba_ssm is installed but its selective-scan kernel cannot be loaded (%s: %s); using the "
+            "pure-PyTorch chunked scan", type(exc).__name__, exc)
         return None
     return selective_scan_fn
+
+
+def _installed(name: str) -> bool:
+    """Whether the top-level package ``name`` can be found (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # in sys.modules without a spec (a module made at run time): it is there
+        return True
 
 
 def kernel_available() -> bool:
