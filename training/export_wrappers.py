@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.preprocess import normalize
+from .models.portable import arange_like
+from .models.preprocess import Normalize
 
 
 def labels_and_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +46,7 @@ class SegmentationGraph(nn.Module):
         self.model = model
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.normalize = Normalize(self.mean, self.std)
         self.output_kind = output_kind
         self.network_size = None if network_size is None else (int(network_size[0]), int(network_size[1]))
 
@@ -53,7 +55,7 @@ class SegmentationGraph(nn.Module):
         if self.network_size is not None:
             # Resize first: normalising is then done on the network's pixels, not the camera's.
             x = F.interpolate(x, size=self.network_size, mode="bilinear", align_corners=False)
-        x = normalize(x, self.mean, self.std)
+        x = self.normalize(x)
         logits = self.model(x)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if self.output_kind == "logits":
@@ -70,8 +72,8 @@ def _nearest_upsample(labels: torch.Tensor, height: int, width: int) -> torch.Te
     Gathering rows and columns of the uint8 map costs a fraction of interpolating it as floats.
     """
     h, w = labels.shape[-2:]
-    rows = torch.div(torch.arange(height, device=labels.device) * h, height, rounding_mode="floor")
-    cols = torch.div(torch.arange(width, device=labels.device) * w, width, rounding_mode="floor")
+    rows = torch.div(arange_like(labels, height) * h, height, rounding_mode="floor")
+    cols = torch.div(arange_like(labels, width) * w, width, rounding_mode="floor")
     return labels[:, rows][:, :, cols]
 
 
@@ -97,12 +99,13 @@ class CoarseGraph(nn.Module):
         self.model = model
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.normalize = Normalize(self.mean, self.std)
         self.coarse_size = tuple(coarse_size)
         self.windows = [tuple(w) for w in windows]
         self.window = window
 
     def forward(self, image: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = normalize(image.permute(0, 3, 1, 2).float(), self.mean, self.std)
+        x = self.normalize(image.permute(0, 3, 1, 2).float())
         size = x.shape[-2:]
         coarse = self.model.coarse(F.interpolate(x, size=self.coarse_size, mode="bilinear", align_corners=False))
         full = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
@@ -138,6 +141,7 @@ class RefineGraph(nn.Module):
         self.model = model
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.normalize = Normalize(self.mean, self.std)
         self.frame_size = tuple(frame_size)
         self.window = window
         rows, cols = _window_tables(windows, window)
@@ -161,7 +165,7 @@ class RefineGraph(nn.Module):
     def logits(self, image: torch.Tensor, coarse: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """Return what :meth:`forward` reduces to labels: the overlap-averaged logits, shape (1,C,H,W)."""
         height, width = self.frame_size
-        x = normalize(image.permute(0, 3, 1, 2).float(), self.mean, self.std)[0]  # (3,H,W)
+        x = self.normalize(image.permute(0, 3, 1, 2).float())[0]  # (3,H,W)
         full = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
         quarter = F.interpolate(coarse, size=(height // 4, width // 4), mode="bilinear", align_corners=False)[0]
         rows, cols = self.rows[windows], self.cols[windows]  # (K, w)
@@ -180,7 +184,7 @@ class RefineGraph(nn.Module):
         delta = (refined - base).permute(1, 0, 2, 3).reshape(channels, -1)
         flat = rows[:, :, None] * width + cols[:, None, :]  # (K, w, w)
         target = (self.groups[windows][:, None, None] * pixels + flat).reshape(-1)
-        canvas = torch.zeros(channels, self.num_groups * pixels, device=full.device, dtype=full.dtype)
+        canvas = full.new_zeros(channels, self.num_groups * pixels)
         change = canvas.index_add(1, target, delta).reshape(channels, self.num_groups, pixels).sum(dim=1)
         return full[None] + change.reshape(1, *full.shape) / self.count
 
@@ -285,9 +289,10 @@ class WindowGraph(nn.Module):
         self.model = model
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.normalize = Normalize(self.mean, self.std)
 
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor]:
-        x = normalize(windows.permute(0, 3, 1, 2).float(), self.mean, self.std)
+        x = self.normalize(windows.permute(0, 3, 1, 2).float())
         scores = self.model(x)
         return (F.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False),)
 
@@ -307,6 +312,7 @@ class SlideGraph(nn.Module):
         self.model = model
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.normalize = Normalize(self.mean, self.std)
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
         self.windows = [(int(y), int(x)) for y, x in windows]
         self.window = int(window)
@@ -319,7 +325,7 @@ class SlideGraph(nn.Module):
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Return what :meth:`forward` reduces to labels: the overlap-averaged scores, shape (1,C,H,W)."""
         w = self.window
-        x = normalize(image.permute(0, 3, 1, 2).float(), self.mean, self.std)
+        x = self.normalize(image.permute(0, 3, 1, 2).float())
         # A fixed, small set of windows: unrolled slices keep the graph free of loops and scatters.
         crops = torch.cat([x[:, :, y:y + w, c:c + w] for y, c in self.windows])
         scores = torch.cat([F.interpolate(self.model(crops[s:s + self.chunk]), size=(w, w), mode="bilinear",

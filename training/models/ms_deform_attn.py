@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.models.portable import values_like
+
 
 def _check_shapes(value: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]],
                   sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> None:
@@ -193,7 +195,6 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, num_queries, heads, levels * points).softmax(-1)
         weights = weights.view(n, num_queries, heads, levels, points)
         # Offsets are in pixels of their level: divide by (w, h) to move in the [0, 1] frame.
-        normalizer = torch.tensor([[float(w), float(h)] for h, w in spatial_shapes], dtype=query.dtype,
-                                  device=query.device)
+        normalizer = values_like(query, [(w, h) for h, w in spatial_shapes])  # (levels, 2)
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         return self.output_proj(ms_deform_attn_sample(value, spatial_shapes, locations, weights))

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models.ms_deform_attn import MSDeformAttn
+from training.models.portable import arange_like
 from training.models.position_encoding import SinePositionEncoding
 
 GN_GROUPS = 32
@@ -260,22 +261,20 @@ class TextPixelEncoder(DeformEncoder):
                          text_attention=True, post_norm=True)
 
 
-def pixel_centres(spatial_shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
+def pixel_centres(spatial_shapes: Sequence[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
     """Normalised pixel centres of every level, concatenated in token order.
 
     Args:
         spatial_shapes: (h, w) per level.
-        dtype: output dtype.
-        device: output device.
+        like: a tensor of the output's dtype and device.
 
     Returns:
         (S, 2) as (x, y) = ((j + 0.5)/w, (i + 0.5)/h), row-major within each level.
     """
     points = []
     for h, w in spatial_shapes:
-        ys = (torch.arange(h, dtype=dtype, device=device) + 0.5) / h
-        xs = (torch.arange(w, dtype=dtype, device=device) + 0.5) / w
+        ys = (arange_like(like, h, dtype=like.dtype) + 0.5) / h
+        xs = (arange_like(like, w, dtype=like.dtype) + 0.5) / w
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         points.append(torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2))
     return torch.cat(points, dim=0)
@@ -405,7 +404,7 @@ class DeformPixelDecoder(nn.Module):
         x = torch.cat(tokens, dim=1)
         pos = torch.cat(positions, dim=1)
         # Every token samples all levels around its own centre (the same normalised point on each level).
-        centres = pixel_centres(spatial_shapes, x.dtype, x.device)
+        centres = pixel_centres(spatial_shapes, x)
         reference_points = centres[None, :, None, :].expand(n, -1, self.num_deform_levels, -1)
         text_tokens = text_pos = None
         if text is not None:

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from training.models.portable import arange_like
+
 
 def sine_position_encoding(x: torch.Tensor, num_feats: int = 128, temperature: float = 10000.0,
                            normalize: bool = True, scale: float = 2 * math.pi, eps: float = 1e-6) -> torch.Tensor:
@@ -34,12 +36,12 @@ def sine_position_encoding(x: torch.Tensor, num_feats: int = 128, temperature: f
     """
     n, _, h, w = x.shape
     ctype = torch.promote_types(x.dtype, torch.float32)  # angles up to 2π·… lose too much in half precision
-    y_embed = torch.arange(1, h + 1, dtype=ctype, device=x.device)
-    x_embed = torch.arange(1, w + 1, dtype=ctype, device=x.device)
+    y_embed = arange_like(x, 1, h + 1, dtype=ctype)
+    x_embed = arange_like(x, 1, w + 1, dtype=ctype)
     if normalize:
         y_embed = y_embed / (h + eps) * scale
         x_embed = x_embed / (w + eps) * scale
-    k = torch.arange(num_feats, dtype=ctype, device=x.device)
+    k = arange_like(x, num_feats, dtype=ctype)
     dim_t = temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / num_feats)
 
     def expand(coord: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from torch import nn
 
 from training.backbones.vit import describe_mismatch
 from training.checkpoint import load_state_dict_file
+from training.models.portable import arange_like
 
 StateDict = dict[str, torch.Tensor]
 
@@ -425,7 +426,7 @@ class PromptTextEncoder(nn.Module):
         text = self.text
         x = text.transformer(self.prompt_embeddings(), attn_mask=text.attn_mask)  # causal (None for SigLIP)
         x = text.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), self.eos_index]  # (K, width)
+        pooled = x[arange_like(x, x.shape[0]), self.eos_index]  # (K, width)
         proj = text.text_projection
         if proj is None:
             return pooled
