@@ -291,16 +291,16 @@ def meta_flops(cfg: TrainConfig, mode: str, size: tuple[int, int]) -> dict[str, 
         # (no gradients, or the FLOP counter trips over parameters passed between modules).
         window = cfg.inference.window
         model = with_constants(meta_model(cfg, (window, window))).requires_grad_(False)
-        graph = WindowGraph(model, mean, std).eval()
+        graph = WindowGraph(model, mean, std).eval().to("meta")  # its normalisation buffers too
         return {"window": count_flops(graph, (torch.zeros((1, window, window, 3), dtype=torch.uint8,
                                                           device="meta"),))}
     image = torch.zeros((1, *size, 3), dtype=torch.uint8, device="meta")
     if mode == "whole":
-        return whole_flops(SegmentationGraph(meta_model(cfg, size), mean, std).eval(), image)
+        return whole_flops(SegmentationGraph(meta_model(cfg, size), mean, std).eval().to("meta"), image)
     inf, window = cfg.inference, cfg.model.refine.window
     windows = window_grid(size[0], size[1], window, inf.stride)
     coarse_size = tuple(inf.coarse_size)
-    coarse = CoarseGraph(meta_model(cfg, coarse_size), mean, std, coarse_size, windows, window).eval()
+    coarse = CoarseGraph(meta_model(cfg, coarse_size), mean, std, coarse_size, windows, window).eval().to("meta")
     with torch.device("meta"):  # the refine graph's window tables live with its model
         refine = RefineGraph(meta_model(cfg, (window, window)), mean, std, size, windows, window).eval()
     theta = torch.tensor([inf.theta], device="meta")
