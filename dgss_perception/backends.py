@@ -4,7 +4,7 @@ A backend takes the graph's inputs in card order (the first is always the
 uint8 NHWC image batch) and returns its outputs in card order as numpy
 arrays, or, for the outputs a caller asks to keep, as device tensors that
 another graph of the same backend takes as inputs. ONNX Runtime needs no
-torch; the TorchScript backend imports torch only when chosen.
+torch; the PyTorch backends (TorchScript, torch.export) import torch only when chosen.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ NO_GRAPH = "-1"
 MAX_FIXED_SHAPES = 8
 
 # An output left where the graph produced it: an ``onnxruntime.OrtValue`` (ONNX Runtime with IO binding) or a
-# ``torch.Tensor`` (TorchScript). Callers pass it on to another graph of the same backend; the engine also reads
-# the torch tensors of a backend that ``holds_device_results`` (slide windows merged on that GPU).
+# ``torch.Tensor`` (TorchScript, torch.export). Callers pass it on to another graph of the same backend; the
+# engine also reads the torch tensors of a backend that ``holds_device_results`` (slide windows merged on that GPU).
 DeviceTensor = Any
 
 
@@ -383,23 +383,24 @@ class OnnxRuntimeBackend:
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class TorchScriptBackend:
-    """A TorchScript graph on CUDA or CPU, in fp32 or under bf16/fp16 autocast."""
+class TorchBackend:
+    """What the PyTorch backends share: device and precision choice, autocast, and the run contract.
 
-    name = "torchscript"
+    A subclass loads its graph in ``__init__`` after calling this one's, and implements :meth:`_forward`
+    (the graph on tensors already on :attr:`device`) and :attr:`runtime` (its name in :meth:`describe`).
+    """
 
-    def __init__(self, path: Path, device: str = "auto", cuda_graph: bool = False, precision: str = "auto",
+    name = "torch"
+    runtime = "PyTorch"
+
+    def __init__(self, device: str = "auto", cuda_graph: bool = False, precision: str = "auto",
                  gpu_precision: str = "bf16", graph_precision: str = "fp32") -> None:
-        """Load ``path`` onto ``device`` (auto | cpu | cuda | cuda:N); ``cuda_graph`` is ONNX Runtime's alone.
+        """Resolve ``device`` (auto | cpu | cuda | cuda:N) and the arithmetic; see :class:`TorchScriptBackend`.
 
-        ``precision``: ``auto`` (``gpu_precision`` on a GPU, fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``
-        (also on the CPU, where torch's autocast takes both; slower there, but it checks the graph).
-        ``graph_precision``: the precision the graph was exported at (the card's ``precision``): a graph
-        already in fp16 runs as it is when fp16 (or fp32, which it cannot become) is asked for.
-        Outputs keep the card's interface whatever the precision: uint8 labels, float32 scores/confidence.
+        Raises BackendError where torch or the asked GPU is missing, ValueError for an unknown precision.
         """
         self.cuda_graph = False
-        self.cuda_graph_note = "CUDA graphs are captured by ONNX Runtime's CUDA provider only" if cuda_graph else ""
+        self.cuda_graph_note = ""
         kind, index = parse_device(device)
         for name, value in (("precision", precision), ("gpu_precision", gpu_precision)):
             if value not in (*TORCH_PRECISIONS, "auto") or (name == "gpu_precision" and value == "auto"):
@@ -408,7 +409,7 @@ class TorchScriptBackend:
         try:
             import torch
         except ImportError as exc:
-            raise BackendError("the torchscript backend needs torch") from exc
+            raise BackendError(f"the {self.name} backend needs torch") from exc
         if kind == "auto":
             kind, index = ("cuda", 0) if torch.cuda.is_available() else ("cpu", None)
         if kind == "cuda":
@@ -431,7 +432,6 @@ class TorchScriptBackend:
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[asked] if half else None
         # The arithmetic precision in effect: without autocast, the graph's own (an fp16 graph stays fp16).
         self.precision: str = asked if half else graph_precision
-        self.module = torch.jit.load(str(path), map_location=self.device).eval()
 
     @property
     def holds_device_results(self) -> bool:
@@ -442,7 +442,7 @@ class TorchScriptBackend:
         """Where and how the graph runs, e.g. ``cuda:0 (NVIDIA H200, TorchScript, bf16 autocast)``."""
         gpu = f"{self.torch.cuda.get_device_name(self._index)}, " if self._kind == "cuda" else ""
         how = f"{self.precision} autocast" if self._autocast_dtype is not None else f"{self.precision} graph"
-        return f"{self.device} ({gpu}TorchScript, {how})"
+        return f"{self.device} ({gpu}{self.runtime}, {how})"
 
     def run(self, inputs: Sequence[np.ndarray | DeviceTensor],
             keep_on_device: tuple[int, ...] = ()) -> list[np.ndarray | DeviceTensor]:
@@ -459,13 +459,47 @@ class TorchScriptBackend:
                 stack.enter_context(torch.cuda.device(self._index))
             if self._autocast_dtype is not None:
                 stack.enter_context(torch.autocast(device_type=self._kind, dtype=self._autocast_dtype))
-            out = self.module(*(self._tensor(a) for a in inputs))
+            out = self._forward([self._tensor(a) for a in inputs])
             outs = [o.float() if o.dtype in (torch.bfloat16, torch.float16) else o
                     for o in (out if isinstance(out, (tuple, list)) else (out,))]
-        return [o if i in keep_on_device else o.cpu().numpy() for i, o in enumerate(outs)]
+        return [self._kept(o) if i in keep_on_device else o.cpu().numpy() for i, o in enumerate(outs)]
+
+    def _forward(self, tensors: list[DeviceTensor]) -> Any:
+        """The graph on its inputs (torch tensors on :attr:`device`, card order) → a tensor or a tuple of them."""
+        raise NotImplementedError
+
+    def _kept(self, tensor: DeviceTensor) -> DeviceTensor:
+        """An output the caller keeps on the device (a backend whose output buffers are reused copies it)."""
+        return tensor
 
     def _tensor(self, value: np.ndarray | DeviceTensor) -> DeviceTensor:
         if isinstance(value, self.torch.Tensor):
             return value.to(self.device)
         # torch cannot wrap a read-only array (a frame viewed in its message): copy those.
         return self.torch.from_numpy(value if value.flags.writeable else value.copy()).to(self.device)
+
+
+class TorchScriptBackend(TorchBackend):
+    """A TorchScript graph on CUDA or CPU, in fp32 or under bf16/fp16 autocast."""
+
+    name = "torchscript"
+    runtime = "TorchScript"
+
+    def __init__(self, path: Path, device: str = "auto", cuda_graph: bool = False, precision: str = "auto",
+                 gpu_precision: str = "bf16", graph_precision: str = "fp32") -> None:
+        """Load ``path`` onto ``device`` (auto | cpu | cuda | cuda:N); ``cuda_graph`` is not this backend's.
+
+        ``precision``: ``auto`` (``gpu_precision`` on a GPU, fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``
+        (also on the CPU, where torch's autocast takes both; slower there, but it checks the graph).
+        ``graph_precision``: the precision the graph was exported at (the card's ``precision``): a graph
+        already in fp16 runs as it is when fp16 (or fp32, which it cannot become) is asked for.
+        Outputs keep the card's interface whatever the precision: uint8 labels, float32 scores/confidence.
+        """
+        super().__init__(device, cuda_graph, precision, gpu_precision, graph_precision)
+        if cuda_graph:
+            self.cuda_graph_note = ("CUDA graphs are captured by ONNX Runtime's CUDA provider and the pt2 "
+                                    "backend's torch.compile only")
+        self.module = self.torch.jit.load(str(path), map_location=self.device).eval()
+
+    def _forward(self, tensors: list[DeviceTensor]) -> Any:
+        return self.module(*tensors)

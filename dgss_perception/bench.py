@@ -126,8 +126,8 @@ def add_parser(subparsers: Any) -> None:
                    help="auto | cpu | cuda | cuda:N (default auto); the report's backend.device_report says which "
                         "device, GPU and providers were taken")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="torchscript arithmetic, in the engine and the node (default auto: the card's checked GPU "
-                        "precision on a GPU, fp32 on the CPU); ONNX Runtime takes auto or the card's precision")
+                   help="torchscript and pt2 arithmetic, in the engine and the node (default auto: the card's checked "
+                        "GPU precision on a GPU, fp32 on the CPU); ONNX Runtime takes auto or the card's precision")
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads (0 = runtime default)")
     p.add_argument("--spin-wait", action="store_true",
                    help="let ONNX Runtime's CPU threads busy-wait between operators, in the engine and the node "
@@ -890,7 +890,10 @@ def run_bench(args: argparse.Namespace) -> int:
                     "spin_wait": args.spin_wait,
                     "io_binding": getattr(segmenter.backend, "io_binding", None),
                     "cuda_graph": segmenter.cuda_graphs, "cuda_graph_notes": segmenter.cuda_graph_notes,
-                    "graphs": list(segmenter.backends)},
+                    "graphs": list(segmenter.backends),
+                    # pt2: loading and compiling its programs (torch.compile / AOTInductor on the target), per graph
+                    "compile_seconds": {g: round(b.compile_seconds, 3) for g, b in segmenter.backends.items()
+                                        if hasattr(b, "compile_seconds")} or None},
         "definitions": definitions(),
     }
     print(f"bench: {card.name} on {segmenter.backend.name}/{segmenter.backend.device}, "

@@ -26,9 +26,10 @@ MODE_GRAPHS = {"whole": ("whole",), "slide": ("window",), "coarse": ("coarse",),
 # stretch: the runtime resizes frames to the input size; stretch_in_graph: the graph takes frames of any
 # size (dimensions -1), resizes them itself and returns labels at the frame's size.
 RESIZE_POLICIES = ("stretch", "stretch_in_graph")
-# torch_gpu_precision: the arithmetic the PyTorch path runs the TorchScript graphs at on a GPU, as the export
-# checked it (bf16: autocast whose labels agreed with fp32 on the parity input; fp16: an fp16 package's own;
-# fp32: bf16 fell short). Optional: cards written before it was recorded have none (see the engine's rule).
+# torch_gpu_precision: the arithmetic the PyTorch path runs the TorchScript and torch.export graphs at on a GPU,
+# as the export checked it (bf16: autocast whose labels agreed with fp32 on the parity input; fp16: an fp16
+# package's own; fp32: bf16 fell short). Optional: cards written before it was recorded have none (see the
+# engine's rule).
 GPU_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -45,7 +46,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """One exported graph in ONNX and/or TorchScript form."""
+    """One exported graph in ONNX, TorchScript and/or torch.export (``.pt2``) form."""
 
     onnx: str | None
     torchscript: str | None
@@ -53,11 +54,12 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     output_kind: str
     onnx_data: tuple[str, ...] = ()  # files beside the ONNX graph holding its weights (graphs over 2 GB)
+    pt2: str | None = None  # the torch.export program (torch.export.save); optional, absent from older cards
 
     @property
     def files(self) -> tuple[str, ...]:
-        """Every file of the graph: ONNX, its external weights, TorchScript."""
-        return tuple(f for f in (self.onnx, *self.onnx_data, self.torchscript) if f)
+        """Every file of the graph: ONNX, its external weights, TorchScript, torch.export program."""
+        return tuple(f for f in (self.onnx, *self.onnx_data, self.torchscript, self.pt2) if f)
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,9 @@ class ModelCard:
         return tuple(m for m in INFERENCE_MODES if all(g in self.graphs for g in MODE_GRAPHS[m]))
 
     def graph_path(self, graph: str, kind: str) -> Path:
+        """The file of ``graph`` in form ``kind`` (onnx | torchscript | pt2); CardError where the package lacks it."""
         spec = self.graphs[graph]
-        name = spec.onnx if kind == "onnx" else spec.torchscript
+        name = {"onnx": spec.onnx, "torchscript": spec.torchscript, "pt2": spec.pt2}.get(kind)
         if name is None:
             raise CardError(f"model package {self.directory} has no {kind} file for graph '{graph}'")
         return self.directory / name
@@ -193,11 +196,12 @@ def parse_card(data: dict[str, Any], directory: Path) -> ModelCard:
             outputs=_tensor_specs(g.get("outputs"), wg + ".outputs"),
             output_kind=kind,
             onnx_data=tuple(str(f) for f in g.get("onnx_data", [])),
+            pt2=g.get("pt2"),
         )
         if any(Path(f).name != f or f in ("", ".", "..") for f in spec.files):
             raise CardError(f"{wg}: graph files must be plain names inside the package, got {list(spec.files)}")
-        if spec.onnx is None and spec.torchscript is None:
-            raise CardError(f"{wg}: names neither an onnx nor a torchscript file")
+        if spec.onnx is None and spec.torchscript is None and spec.pt2 is None:
+            raise CardError(f"{wg}: names no onnx, torchscript or pt2 file")
         batch = spec.inputs[0].shape[0] if spec.inputs[0].shape else 0
         expected_in = (batch, -1, -1, 3) if resize == "stretch_in_graph" else (batch, height, width, 3)
         if gname == "window":
@@ -310,8 +314,8 @@ def load_card(model_dir: str | Path, verify_checksums: bool = True) -> ModelCard
 
 def write_card(model_dir: Path, data: dict[str, Any]) -> ModelCard:
     """Fill in graph checksums, write card.json, and validate it by loading it back."""
-    files = [f for g in data["graphs"].values() for f in (g.get("onnx"), *g.get("onnx_data", []), g.get("torchscript"))
-             if f]
+    files = [f for g in data["graphs"].values()
+             for f in (g.get("onnx"), *g.get("onnx_data", []), g.get("torchscript"), g.get("pt2")) if f]
     data = dict(data, schema_version=SCHEMA_VERSION,
                 checksums={f: sha256_file(model_dir / f) for f in files})
     (model_dir / CARD_FILE).write_text(json.dumps(data, indent=2) + "\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .engine import BACKENDS, PRECISIONS, device_arg
+from .torch_export import COMPILE_MODES
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -17,7 +18,8 @@ def _segment(args: argparse.Namespace) -> int:
     from .engine import Segmenter
     from .labels import colorize, overlay, palette_lut
 
-    seg = Segmenter(args.model, backend=args.backend, device=args.device, precision=args.precision)
+    seg = Segmenter(args.model, backend=args.backend, device=args.device, precision=args.precision,
+                    torch_compile=args.torch_compile)
     print(f"{seg.card.name} on {seg.device_report}", file=sys.stderr)
     if seg.precision_note:
         print(f"warning: {seg.precision_note}", file=sys.stderr)
@@ -64,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="torchscript arithmetic (default auto: the card's checked GPU precision on a GPU, fp32 on "
-                        "the CPU); ONNX Runtime takes auto or the card's precision")
+                   help="torchscript and pt2 arithmetic (default auto: the card's checked GPU precision on a GPU, "
+                        "fp32 on the CPU); ONNX Runtime takes auto or the card's precision")
+    p.add_argument("--torch-compile", default="auto", choices=COMPILE_MODES,
+                   help="pt2 backend: none (eager), inductor (torch.compile at load) or aoti (AOTInductor, compiled "
+                        "once and cached); default auto: inductor on a GPU, none on the CPU")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay weight of the colour mask")
     p.set_defaults(func=_segment)
 

@@ -14,11 +14,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .backends import (TORCH_PRECISIONS, Backend, BackendError, DeviceTensor, OnnxRuntimeBackend, TorchScriptBackend,
-                       parse_device)
+from .backends import (TORCH_PRECISIONS, Backend, BackendError, DeviceTensor, OnnxRuntimeBackend, TorchBackend,
+                       TorchScriptBackend, parse_device)
 from .card import MODE_GRAPHS, CardError, ModelCard, load_card
+from .torch_export import COMPILE_MODES, TorchExportBackend
 
-BACKENDS = ("auto", "onnx", "torchscript")
+# pt2: the package's torch.export programs (``.pt2``), eager or compiled on the target (see torch_export).
+BACKENDS = ("auto", "onnx", "torchscript", "pt2")
 DEVICES = ("auto", "cpu", "cuda")  # device kinds; a GPU by index is cuda:N (parse_device)
 PRECISIONS = ("auto", *TORCH_PRECISIONS)
 OUTPUT_RESOLUTIONS = ("input", "network")
@@ -127,7 +129,8 @@ class Segmenter:
 
     Args:
         model_dir: directory holding ``card.json`` and the graphs.
-        backend: ``auto`` (ONNX Runtime when importable and exported, else TorchScript), ``onnx`` or ``torchscript``.
+        backend: ``auto`` (ONNX Runtime when importable and exported, else TorchScript, else the torch.export
+            program), ``onnx``, ``torchscript`` or ``pt2`` (the ``.pt2`` programs, see :mod:`.torch_export`).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the N-th GPU); :attr:`device_report` says which
             device (and GPU, providers, precision) was taken.
         output_resolution: ``input`` (labels at the frame's size) or ``network`` (the graph's grid).
@@ -144,25 +147,32 @@ class Segmenter:
             inference in a tight loop, but the cores stay busy after each run.
         cuda_graph: ONNX Runtime's CUDA provider (instead of TensorRT's) captures each input shape's run
             of a graph as a CUDA graph and replays it; graphs it cannot capture run without
-            (``cuda_graph_notes`` says why).
-        precision: the torchscript backend's arithmetic: ``auto`` (on a GPU the card's ``torch_gpu_precision``,
-            see :func:`gpu_precision`; fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16`` (autocast; taken on the CPU
-            too). ONNX Runtime runs graphs at their exported precision: it takes ``auto`` or the card's
-            ``precision``, and ``backend="auto"`` with another precision chooses torchscript. Results are
-            uint8 labels and float32 confidence at any precision.
+            (``cuda_graph_notes`` says why). The pt2 backend with ``torch_compile`` inductor on a GPU records
+            CUDA graphs through ``torch.compile`` (``reduce-overhead``) instead.
+        precision: the PyTorch backends' (torchscript, pt2) arithmetic: ``auto`` (on a GPU the card's
+            ``torch_gpu_precision``, see :func:`gpu_precision`; fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``
+            (autocast; taken on the CPU too). ONNX Runtime runs graphs at their exported precision: it takes
+            ``auto`` or the card's ``precision``, and ``backend="auto"`` with another precision chooses a PyTorch
+            backend. Results are uint8 labels and float32 confidence at any precision.
         merge_on_device: slide: sum and reduce the windows' scores where the backend produced them (torch
             tensors), so only labels and confidence come back to the host (None = where the backend holds its
-            results on a GPU, i.e. torchscript on CUDA; True needs the torchscript backend; ONNX Runtime's
+            results on a GPU, i.e. torchscript or pt2 on CUDA; True needs a PyTorch backend; ONNX Runtime's
             windows are merged on the host).
+        torch_compile: the pt2 backend's compilation: ``auto`` (``inductor`` on a GPU, ``none`` on the CPU),
+            ``none`` (eager), ``inductor`` (``torch.compile``, at load; CUDA graphs with ``cuda_graph``) or
+            ``aoti`` (AOTInductor, compiled at the first load and cached); see :mod:`.torch_export`.
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str = "auto",
                  output_resolution: str = "input", threads: int = 0, inference_mode: str | None = None,
                  theta: float | None = None, c_tau: float | None = None, window_batch: int = 0,
                  io_binding: bool | None = None, spin_wait: bool = False, cuda_graph: bool = False,
-                 precision: str = "auto", merge_on_device: bool | None = None) -> None:
+                 precision: str = "auto", merge_on_device: bool | None = None, torch_compile: str = "auto") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        if torch_compile not in COMPILE_MODES:
+            raise ValueError(f"unknown torch_compile {torch_compile!r} (choose from {', '.join(COMPILE_MODES)})")
+        self._torch_compile = torch_compile
         parse_device(device)  # ValueError naming the accepted forms
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
@@ -201,17 +211,18 @@ class Segmenter:
             g: self._open_backend(g, backend, device, threads, io_binding, spin_wait, cuda_graph, precision)
             for g in graphs}
         self.backend: Backend = self.backends[graphs[0]]
-        # The arithmetic the graphs run at: the torchscript backend's (autocast or the graph's own), else the card's.
+        # The arithmetic the graphs run at: a PyTorch backend's (autocast or the graph's own), else the card's.
         self.precision: str = getattr(self.backend, "precision", self.card.precision)
-        on_gpu_torch = any(isinstance(b, TorchScriptBackend) and b.holds_device_results for b in self.backends.values())
+        on_gpu_torch = any(isinstance(b, TorchBackend) and b.holds_device_results for b in self.backends.values())
         # Only where the unchecked rule actually chose bf16 autocast on a GPU.
         self.precision_note: str = note if precision == "auto" and on_gpu_torch and self.precision == "bf16" else ""
         descriptions = {g: b.describe() for g, b in self.backends.items()}
         # One line saying which device, GPU, providers and precision were taken (per graph where they differ).
         self.device_report: str = (next(iter(descriptions.values())) if len(set(descriptions.values())) == 1
                                    else "; ".join(f"{g}: {d}" for g, d in descriptions.items()))
-        if merge_on_device and not all(isinstance(b, TorchScriptBackend) for b in self.backends.values()):
-            raise ValueError("merge_on_device needs the torchscript backend (ONNX Runtime's windows merge on the host)")
+        if merge_on_device and not all(isinstance(b, TorchBackend) for b in self.backends.values()):
+            raise ValueError("merge_on_device needs the torchscript backend or the pt2 backend (ONNX Runtime's "
+                             "windows merge on the host)")
         self.merge_on_device: bool = self.mode == "slide" and (
             all(b.holds_device_results for b in self.backends.values()) if merge_on_device is None
             else bool(merge_on_device))
@@ -225,18 +236,23 @@ class Segmenter:
         spec = self.card.graphs[graph]
         onnx_precision = precision in ("auto", self.card.precision)
         if backend == "auto":
+            # TorchScript before the torch.export program: it loads in seconds, while the program's default on a
+            # GPU compiles at load (minutes for a large model under max-autotune), which a node's start should
+            # not pay unasked; a package without TorchScript graphs runs its programs.
+            torch_backend = "torchscript" if spec.torchscript or not spec.pt2 else "pt2"
             try:
                 import onnxruntime  # noqa: F401
                 # Another arithmetic than the exported one is the PyTorch path's (autocast).
-                backend = "onnx" if spec.onnx and (onnx_precision or not spec.torchscript) else "torchscript"
+                torch_graph = spec.torchscript or spec.pt2
+                backend = "onnx" if spec.onnx and (onnx_precision or not torch_graph) else torch_backend
             except ImportError:
-                backend = "torchscript"
+                backend = torch_backend
         path = self.card.graph_path(graph, backend)
         if backend == "onnx":
             if not onnx_precision:
                 raise ValueError(f"precision {precision!r}: ONNX Runtime runs the graphs at their exported precision "
                                  f"({self.card.precision}); bf16/fp16 arithmetic over an fp32 package is the "
-                                 "torchscript backend's (or export the package with --precision fp16)")
+                                 "PyTorch backends' (torchscript, pt2; or export the package with --precision fp16)")
             return OnnxRuntimeBackend(path, [i.name for i in spec.inputs], [o.name for o in spec.outputs],
                                       device=device, threads=threads, checksum=self.card.checksums.get(path.name),
                                       precision=self.card.precision, io_binding=io_binding, spin_wait=spin_wait,
@@ -244,6 +260,10 @@ class Segmenter:
         if backend == "torchscript":
             return TorchScriptBackend(path, device=device, cuda_graph=cuda_graph, precision=precision,
                                       gpu_precision=self._gpu_precision, graph_precision=self.card.precision)
+        if backend == "pt2":
+            return TorchExportBackend(path, device=device, cuda_graph=cuda_graph, precision=precision,
+                                      gpu_precision=self._gpu_precision, graph_precision=self.card.precision,
+                                      compile=self._torch_compile, checksum=self.card.checksums.get(path.name))
         raise BackendError(f"unknown backend {backend}")
 
     @property
@@ -379,7 +399,7 @@ class Segmenter:
         return [labels[None], confidence[None]]
 
     def _run_slide_on_device(self, batch: np.ndarray) -> list[np.ndarray]:
-        """:meth:`_run_slide` with the frame, windows, score sum and reduction on the torchscript backend's device.
+        """:meth:`_run_slide` with the frame, windows, score sum and reduction on the PyTorch backend's device.
 
         The K×C×w×w scores of each run never leave the device (at 2048×1024 a frame's windows hold ~360 MB of
         float32 scores); only uint8 labels (1,H,W) and float32 confidence (1,H,W) come back. The sums run in

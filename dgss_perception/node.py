@@ -68,9 +68,9 @@ OUTPUTS = ("labels", "labels/color", "labels/overlay", "labels/confidence", "lab
 # name → (default, description); declared up front, validated in read_parameters.
 PARAMETERS: dict[str, tuple[Any, str]] = {
     "model": ("", "model package directory (holds card.json)"),
-    "backend": ("auto", "auto | onnx | torchscript"),
+    "backend": ("auto", "auto | onnx | torchscript | pt2"),
     "device": ("auto", "auto | cpu | cuda | cuda:N (the N-th GPU); the log and /diagnostics say which was taken"),
-    "precision": ("auto", "torchscript arithmetic: auto (GPU: the card's checked torch_gpu_precision; CPU: fp32) | "
+    "precision": ("auto", "torchscript/pt2 arithmetic: auto (GPU: the card's checked torch_gpu_precision; CPU: fp32) | "
                           "fp32 | bf16 | fp16; ONNX Runtime takes auto or the card's precision"),
     "cameras": ([""], "camera namespaces served by this node; [''] = the node's own namespace"),
     "image_transport": ("raw", "raw (subscribe 'image') | compressed (subscribe 'image/compressed')"),

@@ -54,8 +54,9 @@ from torch import nn
 
 from .build import build_model
 from .config import TrainConfig, config_from_dict, config_to_dict, load_config
-from .export import (DEFAULT_ATOL, PRECISIONS, SLIDE_FAMILIES, ParityError, coarse_to_fine_flops, count_flops,
-                     export_package, format_flops, human_flops, parse_formats, print_parity, whole_flops)
+from .export import (DEFAULT_ATOL, DEFAULT_FORMATS, FORMATS, PRECISIONS, SLIDE_FAMILIES, ParityError,
+                     coarse_to_fine_flops, count_flops, export_package, format_flops, human_flops, parse_formats,
+                     print_parity, whole_flops)
 from .export_wrappers import CoarseGraph, RefineGraph, SegmentationGraph, WindowGraph, with_constants
 from .inference import window_grid
 from .models.vfmnet import VFMNet
@@ -387,7 +388,7 @@ def random_weights(cfg: TrainConfig, path: Path, seed: int = 0) -> int:
 
 
 def export_bench(preset: Preset, out: Path, size: tuple[int, int] | None = None,
-                 overrides: dict[str, Any] | None = None, formats: tuple[str, ...] = ("onnx", "torchscript"),
+                 overrides: dict[str, Any] | None = None, formats: tuple[str, ...] = DEFAULT_FORMATS,
                  atol: float | None = None, overwrite: bool = False, seed: int = 0, precision: str = "fp32") -> dict:
     """Export ``preset`` with random weights to ``out``; returns the card (ParityError as export_package).
 
@@ -462,7 +463,7 @@ def list_presets() -> list[str]:
 
 
 def _file_sizes(out: Path, card: dict) -> str:
-    files = [f for g in card["graphs"].values() for f in (g.get("onnx"), g.get("torchscript")) if f]
+    files = [f for g in card["graphs"].values() for f in (g.get("onnx"), g.get("torchscript"), g.get("pt2")) if f]
     return ", ".join(f"{f} {(out / f).stat().st_size / 1e6:.1f} MB" for f in files)
 
 
@@ -476,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, help="graph input width (see --height)")
     parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="timm kwargs for every ViT tower of the model, e.g. embed_dim=64 depth=4 num_heads=2")
-    parser.add_argument("--formats", default="onnx,torchscript", help="comma list of onnx, torchscript")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                        help=f"comma list of {', '.join(FORMATS)} (default %(default)s)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--atol", type=float,
                         help=f"parity tolerance (default fp32 {ATOL:g}, {MASK_ATOL:g} for DepthForge, Rein and MFuser; "

@@ -1,4 +1,4 @@
-"""Export a trained model to a model package: ONNX + TorchScript + card.json.
+"""Export a trained model to a model package: ONNX + TorchScript (+ torch.export ``.pt2``) + card.json.
 
     python -m training.export --run runs/demo_vfmnet_tiny --out model_pkg
 
@@ -38,6 +38,10 @@ from .inference import model_at_size, window_grid
 
 GRAPH = "whole"
 EXPORT_MODES = ("whole", "slide", "coarse_to_fine")
+# Graph formats a package may hold: ONNX (ONNX Runtime), TorchScript and torch.export programs (both PyTorch).
+FORMATS = ("onnx", "torchscript", "pt2")
+TORCH_FORMATS = ("torchscript", "pt2")
+DEFAULT_FORMATS = ("onnx", "torchscript")
 PRECISIONS = ("fp32", "fp16")
 # Parity tolerance per precision: the exported graph against eager PyTorch at the same precision.
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2}
@@ -164,6 +168,32 @@ def export_torchscript(graph: nn.Module, example: torch.Tensor | tuple[torch.Ten
     traced.save(str(path))
 
 
+def export_program(graph: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], path: Path,
+                   dynamic_shapes: dict[str, Any] | None = None) -> None:
+    """``torch.export.export`` + ``torch.export.save``: the graph's ATen program and weights in one ``.pt2`` file.
+
+    ``dynamic_shapes`` as for the ONNX export (keyed by the forward's argument names): the program keeps
+    those dimensions free, within their bounds.
+    """
+    example = example if isinstance(example, tuple) else (example,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(graph, example, dynamic_shapes=dynamic_shapes)
+    torch.export.save(program, str(path))
+
+
+def load_torch_graph(path: Path) -> Callable[..., Any]:
+    """An exported PyTorch graph as a callable on the CPU: a ``.pt2`` program's module, else TorchScript."""
+    if path.suffix == ".pt2":
+        from dgss_perception.torch_export import strip_metadata_asserts
+
+        program = torch.export.load(str(path))
+        # As the runtime runs it: without the export-time dtype checks, which autocast's bf16 would trip.
+        strip_metadata_asserts(program)
+        return program.module()
+    return torch.jit.load(str(path))
+
+
 def compare(name: str, got: list[np.ndarray], ref: list[np.ndarray], ref_probs: np.ndarray, output_kind: str,
             atol: float) -> dict[str, Any]:
     """Compare a graph's outputs with eager ones; labels may differ only where the top-2 classes tie."""
@@ -196,14 +226,16 @@ def _add_agreement(results: list[dict[str, Any]], labels: dict[str, np.ndarray],
 
 def _add_bf16_agreement(record: dict[str, Any], ts_path: Path, inputs: list[np.ndarray], labels32: np.ndarray,
                         output_kind: str) -> None:
-    """Put into ``record`` the share of pixels where the TorchScript graph under bf16 autocast keeps its fp32 labels.
+    """Put into ``record`` the share of pixels where the PyTorch graph under bf16 autocast keeps its fp32 labels.
+
+    ``ts_path``: a TorchScript graph or a torch.export program (``.pt2``).
 
     The runtime's PyTorch path runs fp32 graphs under bf16 autocast on a GPU; torch's CPU autocast casts the
     same operators (matrix products, convolutions) to bf16, so the export checks that arithmetic here, on the
     parity inputs, against ``labels32`` (the graph's own labels in fp32). ``label_agreement_bf16`` is 0, with
     the reason in ``bf16_error``, for a graph that fails under autocast.
     """
-    module = torch.jit.load(str(ts_path))
+    module = load_torch_graph(ts_path)
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             got = module(*(torch.from_numpy(a) for a in inputs))
@@ -220,7 +252,7 @@ def torch_gpu_precision(parity: list[dict[str, Any]], precision: str, min_label_
     """The card's ``torch_gpu_precision``: the arithmetic the runtime's PyTorch path may run on a GPU.
 
     fp16 for an fp16 package (its graphs are half already; ``label_agreement_fp32`` checks them); bf16 for
-    an fp32 package whose every TorchScript parity record kept at least ``min_label_agreement`` of its labels
+    an fp32 package whose every TorchScript and pt2 parity record kept at least ``min_label_agreement`` of its labels
     under bf16 autocast; else fp32.
     """
     if precision == "fp16":
@@ -294,8 +326,8 @@ def draw_parity_input(rng: np.random.Generator, shape: tuple[int, ...], eager: C
 
 def run_parity(graph: nn.Module, onnx_path: Path | None, ts_path: Path | None, size: tuple[int, int],
                output_kind: str, atol: float, seed: int, batch: int = 1,
-               graph32: nn.Module | None = None) -> list[dict[str, Any]]:
-    """Exported files against eager ``graph`` on a random (batch, *size, 3) frame.
+               graph32: nn.Module | None = None, pt2_path: Path | None = None) -> list[dict[str, Any]]:
+    """Exported files (ONNX, TorchScript, ``.pt2`` program) against eager ``graph`` on a random (batch, *size, 3) frame.
 
     With ``graph32`` (the same graph around the fp32 model, for an fp16 export) each record also
     holds the share of pixels where the exported graph's labels equal the fp32 model's.
@@ -320,14 +352,16 @@ def run_parity(graph: nn.Module, onnx_path: Path | None, ts_path: Path | None, s
         got = sess.run(None, {"image": image})
         results.append(compare("onnx", got, ref, ref_probs, output_kind, atol))
         labels["onnx"] = _labels_of(got, output_kind)
-    if ts_path is not None:
-        module = torch.jit.load(str(ts_path))
+    for kind, path in (("torchscript", ts_path), ("pt2", pt2_path)):
+        if path is None:
+            continue
+        module = load_torch_graph(path)
         with torch.no_grad():
             got = [t.numpy() for t in module(torch.from_numpy(image))]
-        results.append(compare("torchscript", got, ref, ref_probs, output_kind, atol))
-        labels["torchscript"] = _labels_of(got, output_kind)
+        results.append(compare(kind, got, ref, ref_probs, output_kind, atol))
+        labels[kind] = _labels_of(got, output_kind)
         if graph32 is None:  # an fp32 export: may the PyTorch path run it in bf16 on a GPU?
-            _add_bf16_agreement(results[-1], ts_path, [image], labels["torchscript"], output_kind)
+            _add_bf16_agreement(results[-1], path, [image], labels[kind], output_kind)
     if graph32 is not None:
         with torch.no_grad():
             want = _labels_of([t.numpy() for t in graph32(torch.from_numpy(image))], output_kind)
@@ -357,15 +391,18 @@ def tensor_specs(size: tuple[int, int], num_classes: int, output_kind: str, batc
 
 def _graph_files(out: Path, graph_name: str, module: nn.Module, example: tuple[torch.Tensor, ...],
                  input_names: list[str], output_names: list[str], formats: tuple[str, ...], opset: int,
-                 dynamic_shapes: dict[str, Any] | None = None) -> tuple[str | None, str | None]:
-    """Write ``<graph_name>.onnx`` and/or ``.ts``; returns their file names (None where not asked for)."""
+                 dynamic_shapes: dict[str, Any] | None = None) -> tuple[str | None, str | None, str | None]:
+    """Write ``<graph_name>.onnx``, ``.ts`` and/or ``.pt2``; returns their file names (None where not asked for)."""
     onnx_name = f"{graph_name}.onnx" if "onnx" in formats else None
     ts_name = f"{graph_name}.ts" if "torchscript" in formats else None
+    pt2_name = f"{graph_name}.pt2" if "pt2" in formats else None
     if onnx_name:
         export_onnx(module, example, out / onnx_name, output_names, opset, input_names, dynamic_shapes)
     if ts_name:
         export_torchscript(module, example, out / ts_name)
-    return onnx_name, ts_name
+    if pt2_name:
+        export_program(module, example, out / pt2_name, dynamic_shapes)
+    return onnx_name, ts_name, pt2_name
 
 
 def external_data_files(out: Path, onnx_name: str, force: bool = False) -> list[str]:
@@ -397,18 +434,19 @@ def _external_locations(model: Any) -> list[str]:
 
 
 def _run_exported(out: Path, onnx_name: str | None, ts_name: str | None, input_names: list[str],
-                  inputs: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """Outputs of each exported file of one graph on the same inputs, keyed onnx / torchscript."""
+                  inputs: list[np.ndarray], pt2_name: str | None = None) -> dict[str, list[np.ndarray]]:
+    """Outputs of each exported file of one graph on the same inputs, keyed onnx / torchscript / pt2."""
     results = {}
     if onnx_name:
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(out / onnx_name), providers=["CPUExecutionProvider"])
         results["onnx"] = sess.run(None, dict(zip(input_names, inputs)))
-    if ts_name:
-        module = torch.jit.load(str(out / ts_name))
-        with torch.no_grad():
-            results["torchscript"] = [t.numpy() for t in module(*(torch.from_numpy(a) for a in inputs))]
+    for kind, name in (("torchscript", ts_name), ("pt2", pt2_name)):
+        if name:
+            module = load_torch_graph(out / name)
+            with torch.no_grad():
+                results[kind] = [t.numpy() for t in module(*(torch.from_numpy(a) for a in inputs))]
     return results
 
 
@@ -438,12 +476,13 @@ def _export_whole(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, i
         outputs[0]["shape"] = [batch, -1, -1]
         dynamic = {"image": {1: Dim("height", min=16, max=8192), 2: Dim("width", min=16, max=8192)}}
         test_size = (size[0] * 3 // 2 + 5, size[1] * 7 // 4 + 3)  # parity on a frame the export never saw
-    onnx_name, ts_name = _graph_files(out, GRAPH, graph, (example,), ["image"], [o["name"] for o in outputs],
-                                      formats, opset, dynamic)
+    onnx_name, ts_name, pt2_name = _graph_files(out, GRAPH, graph, (example,), ["image"],
+                                                [o["name"] for o in outputs], formats, opset, dynamic)
     parity = run_parity(graph, out / onnx_name if onnx_name else None, out / ts_name if ts_name else None,
-                        test_size, output_kind, atol, seed, batch, make("fp32") if precision != "fp32" else None)
-    graphs = {GRAPH: {"onnx": onnx_name, "torchscript": ts_name, "inputs": inputs, "outputs": outputs,
-                      "output_kind": output_kind}}
+                        test_size, output_kind, atol, seed, batch, make("fp32") if precision != "fp32" else None,
+                        out / pt2_name if pt2_name else None)
+    graphs = {GRAPH: {"onnx": onnx_name, "torchscript": ts_name, **({"pt2": pt2_name} if pt2_name else {}),
+                      "inputs": inputs, "outputs": outputs, "output_kind": output_kind}}
     return graphs, {"mode": GRAPH, "params": {}}, parity, flops
 
 
@@ -468,12 +507,13 @@ def _export_slide_in_graph(cfg: TrainConfig, weights: Path, out: Path, size: tup
     inputs, outputs = tensor_specs(size, cfg.model.num_classes, "labels_confidence")
     example = torch.zeros((1, *size, 3), dtype=torch.uint8)
     flops = whole_flops(graph, example)
-    onnx_name, ts_name = _graph_files(out, GRAPH, graph, (example,), ["image"], [o["name"] for o in outputs],
-                                      formats, opset)
+    onnx_name, ts_name, pt2_name = _graph_files(out, GRAPH, graph, (example,), ["image"],
+                                                [o["name"] for o in outputs], formats, opset)
     parity = run_parity(graph, out / onnx_name if onnx_name else None, out / ts_name if ts_name else None,
-                        size, "labels_confidence", atol, seed, 1, make("fp32") if precision != "fp32" else None)
-    graphs = {GRAPH: {"onnx": onnx_name, "torchscript": ts_name, "inputs": inputs, "outputs": outputs,
-                      "output_kind": "labels_confidence"}}
+                        size, "labels_confidence", atol, seed, 1, make("fp32") if precision != "fp32" else None,
+                        out / pt2_name if pt2_name else None)
+    graphs = {GRAPH: {"onnx": onnx_name, "torchscript": ts_name, **({"pt2": pt2_name} if pt2_name else {}),
+                      "inputs": inputs, "outputs": outputs, "output_kind": "labels_confidence"}}
     params = {"slide_in_graph": True, "window": window, "stride": inf.stride, "window_batch": graph.chunk,
               "windows": [list(c) for c in windows]}
     return graphs, {"mode": GRAPH, "params": params}, parity, flops
@@ -534,9 +574,11 @@ def _export_coarse_to_fine(cfg: TrainConfig, weights: Path, out: Path, size: tup
                "refine": {"image": None, "coarse": None, "windows": {0: Dim("windows", min=1, max=len(windows))}}}
     for name, module in (("coarse", coarse), ("refine", refine)):
         spec = graphs[name]
-        spec["onnx"], spec["torchscript"] = _graph_files(
+        spec["onnx"], spec["torchscript"], pt2_name = _graph_files(
             out, name, module, examples[name], [i["name"] for i in spec["inputs"]],
             [o["name"] for o in spec["outputs"]], formats, opset, dynamic[name])
+        if pt2_name:
+            spec["pt2"] = pt2_name
 
     parity = _coarse_to_fine_parity(coarse, refine, out, graphs, size, len(windows), atol, seed,
                                     make("fp32") if precision != "fp32" else None)
@@ -570,13 +612,16 @@ def _export_slide(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, i
     example = torch.zeros((2, window, window, 3), dtype=torch.uint8)
     flops = {"window": count_flops(graph, (example[:1],))}
     dynamic = {"windows": {0: Dim("windows", min=1, max=max(2, len(windows)))}}
-    spec["onnx"], spec["torchscript"] = _graph_files(out, "window", graph, (example,), ["windows"], ["scores"],
-                                                     formats, opset, dynamic)
+    spec["onnx"], spec["torchscript"], pt2_name = _graph_files(out, "window", graph, (example,), ["windows"],
+                                                               ["scores"], formats, opset, dynamic)
+    if pt2_name:
+        spec["pt2"] = pt2_name
     # Parity on a batch size the export never saw.
     crops, ref, margin = draw_parity_input(np.random.default_rng(seed), (3, window, window, 3),
                                            lambda x: [graph(x)[0].numpy()], ATTENTION_MARGIN[precision])
     parity, labels = [], {}
-    for kind, got in _run_exported(out, spec["onnx"], spec["torchscript"], ["windows"], [crops]).items():
+    exported = _run_exported(out, spec["onnx"], spec["torchscript"], ["windows"], [crops], spec.get("pt2"))
+    for kind, got in exported.items():
         r = compare(f"window/{kind}", got, ref, ref[0], "logits", atol)
         r["seed"] = seed
         r["attention_margin"] = margin
@@ -585,9 +630,11 @@ def _export_slide(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, i
     if precision != "fp32":
         with torch.no_grad():
             _add_agreement(parity, labels, make("fp32")(torch.from_numpy(crops))[0].numpy().argmax(axis=1))
-    elif spec["torchscript"]:
-        _add_bf16_agreement(next(r for r in parity if r["graph"] == "window/torchscript"), out / spec["torchscript"],
-                            [crops], labels["window/torchscript"], "logits")
+    else:
+        for kind in TORCH_FORMATS:
+            if spec.get(kind):
+                _add_bf16_agreement(next(r for r in parity if r["graph"] == f"window/{kind}"), out / spec[kind],
+                                    [crops], labels[f"window/{kind}"], "logits")
     params = {"window": window, "stride": inf.stride, "windows": [list(c) for c in windows]}
     return {"window": spec}, {"mode": "slide", "params": params}, parity, flops
 
@@ -615,7 +662,8 @@ def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, 
     results, labels = [], {}
     names = [i["name"] for i in graphs["coarse"]["inputs"]]
     spec = graphs["coarse"]
-    for kind, got in _run_exported(out, spec["onnx"], spec["torchscript"], names, [image, theta]).items():
+    for kind, got in _run_exported(out, spec["onnx"], spec["torchscript"], names, [image, theta],
+                                   spec.get("pt2")).items():
         r = compare(f"coarse/{kind}", got, ref, probs, "labels_confidence", atol)
         r["coarse_logits_max_abs_diff"] = float(np.abs(got[2] - ref[2]).max())
         # A pixel whose confidence sits on θ may flip; allow a handful per window (more in fp16).
@@ -624,8 +672,8 @@ def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, 
                        and r["window_confident_max_abs_diff"] <= max(1e-3, atol))
         results.append(r)
         labels[r["graph"]] = got[0]
-        if kind == "torchscript" and graphs32 is None:
-            _add_bf16_agreement(r, out / spec["torchscript"], [image, theta], got[0], "labels_confidence")
+        if kind in TORCH_FORMATS and graphs32 is None:
+            _add_bf16_agreement(r, out / spec[kind], [image, theta], got[0], "labels_confidence")
     _add_agreement(results, labels, None if ref32 is None else ref32[0])
     spec = graphs["refine"]
     names = [i["name"] for i in spec["inputs"]]
@@ -638,13 +686,13 @@ def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, 
             want = [t.numpy() for t in refine(*args)]
             probs = torch.softmax(refine.logits(*args), dim=1).numpy()
         refined = {}
-        for kind, got in _run_exported(out, spec["onnx"], spec["torchscript"], names, feeds).items():
+        for kind, got in _run_exported(out, spec["onnx"], spec["torchscript"], names, feeds, spec.get("pt2")).items():
             r = compare(f"refine/{kind}", got, want, probs, "labels_confidence", atol)
             r["windows"] = windows.tolist()
             results.append(r)
             refined[r["graph"]] = got[0]
-            if kind == "torchscript" and graphs32 is None:
-                _add_bf16_agreement(r, out / spec["torchscript"], feeds, got[0], "labels_confidence")
+            if kind in TORCH_FORMATS and graphs32 is None:
+                _add_bf16_agreement(r, out / spec[kind], feeds, got[0], "labels_confidence")
         if graphs32 is not None and ref32 is not None:
             with torch.no_grad():
                 want32 = graphs32[1](*(torch.from_numpy(a) for a in (image, ref32[2], windows)))[0].numpy()
@@ -655,7 +703,7 @@ def _coarse_to_fine_parity(coarse: CoarseGraph, refine: RefineGraph, out: Path, 
 
 
 def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, int] | None = None,
-                   output_kind: str = "labels_confidence", formats: tuple[str, ...] = ("onnx", "torchscript"),
+                   output_kind: str = "labels_confidence", formats: tuple[str, ...] = DEFAULT_FORMATS,
                    opset: int = 18, atol: float | None = None, overwrite: bool = False, name: str | None = None,
                    batch: int = 1, mode: str | None = None, resize_in_graph: bool = False,
                    benchmark: bool = False, external_data: bool = False, parity_seed: int | None = None,
@@ -664,6 +712,10 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
     """Write a model package to ``out``; raise ParityError when a graph disagrees with eager PyTorch.
 
     Args:
+        formats: some of :data:`FORMATS`: ``onnx`` (``<graph>.onnx``), ``torchscript`` (``<graph>.ts``),
+            ``pt2`` (``<graph>.pt2``, ``torch.export.save`` of the ``torch.export`` program, with the same free
+            dimensions as the ONNX graph); each is parity-checked against eager PyTorch under its own key
+            (``onnx``, ``torchscript``, ``pt2``; ``window/pt2`` etc. for slide and coarse-to-fine graphs).
         size: the graphs' input (H, W): the network size for ``whole`` (default the training size),
             the working frame size for ``slide`` and ``coarse_to_fine`` (default the config's test
             size, else twice the coarse size: 1024×2048 for the paper's 512×1024).
@@ -686,7 +738,7 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         precision: ``fp32``, or ``fp16`` (weights and arithmetic in half precision; uint8 in, float32
             confidence / scores out, normalisation and softmax in float32). An fp16 package records
             each graph's label agreement with the fp32 model (``label_agreement_fp32`` in the parity
-            records) and fails below ``min_label_agreement``. An fp32 package's TorchScript parity records
+            records) and fails below ``min_label_agreement``. An fp32 package's TorchScript and pt2 parity records
             hold ``label_agreement_bf16`` (the same graph under bf16 autocast against itself in fp32, on
             the parity input); the card's ``torch_gpu_precision`` is then bf16 where each reaches
             ``min_label_agreement``, else fp32 (fp16 for an fp16 package): the precision the runtime's
@@ -787,7 +839,7 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
         # Twice: at the top for anyone reading card.json, in ``export`` for the runtime's ModelCard.export.
         card["benchmark"] = True
         card["export"]["benchmark"] = True
-    if any(spec.get("torchscript") for spec in graphs.values()):
+    if any(spec.get(kind) for spec in graphs.values() for kind in TORCH_FORMATS):
         card["torch_gpu_precision"] = torch_gpu_precision(parity, precision, min_label_agreement)
     if precision != "fp32" or "torch_gpu_precision" in card:
         card["export"]["min_label_agreement"] = min_label_agreement
@@ -827,10 +879,10 @@ def format_flops(flops: dict[str, int]) -> str:
 
 
 def parse_formats(parser: argparse.ArgumentParser, text: str) -> tuple[str, ...]:
-    """``--formats`` ("onnx,torchscript") as a tuple; anything else is a usage error."""
+    """``--formats`` ("onnx,torchscript,pt2") as a tuple; anything else is a usage error."""
     formats = tuple(f.strip() for f in text.split(",") if f.strip())
-    if not formats or set(formats) - {"onnx", "torchscript"}:
-        parser.error(f"--formats must list onnx and/or torchscript, got {text!r}")
+    if not formats or set(formats) - set(FORMATS):
+        parser.error(f"--formats must list some of {', '.join(FORMATS)}, got {text!r}")
     return formats
 
 
@@ -854,7 +906,8 @@ def main(argv: list[str] | None = None) -> int:
                         "training size), the working frame size for coarse_to_fine (default: inference.test_size)")
     parser.add_argument("--width", type=int, help="graph input width (see --height)")
     parser.add_argument("--output-kind", choices=("labels_confidence", "logits"), default="labels_confidence")
-    parser.add_argument("--formats", default="onnx,torchscript", help="comma list of onnx, torchscript")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                        help=f"comma list of {', '.join(FORMATS)} (default %(default)s; pt2: torch.export programs)")
     parser.add_argument("--mode", choices=EXPORT_MODES,
                         help="graphs to export (default: coarse_to_fine for a model with a refine head, slide for "
                         "MFuser, else whole)")
