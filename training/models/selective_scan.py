@@ -14,16 +14,14 @@ Only real A and input-dependent (variable) B and C are supported, which is what 
 * :func:`selective_scan_reference` is the textbook loop over time, kept to validate the others.
 * :func:`selective_scan_chunked` is the same function without a time loop, and exports to ONNX with
   neither ``Loop`` nor ``Scan`` nodes. The decay exp(Δ·A) differs per channel *and* per state (A is
-  (D, S), e.g. A[d, s] = −(s + 1) at MVFuser's init), so the Mamba-2 trick of contracting C·Bᵀ over the
-  state first does not apply: every (n, d, s) is its own scalar recurrence. Those are solved chunk by
-  chunk: inside a chunk of Q steps, h = M·x with M[t, τ] = exp(Σ_{τ<k≤t} log a_k) below the diagonal
-  (the segment sums are formed by a masked cumulative sum, so no difference of large cumulative sums
-  loses precision, and the upper triangle is set to −inf *before* the exponential, so nothing
-  overflows); across chunks the chunk-end states obey the same kind of recurrence with the chunks'
-  total log-decays, which is solved by the same function one level up (recursion depth ⌈log_Q L⌉,
-  resolved at trace time, so the exported graph is flat). Memory: the decay matrices hold
-  N·D·S·L·Q floats (×≈(1 + 1/Q) for the upper levels) plus a few N·D·S·L tensors; the cost grows
-  linearly with Q, which buys nothing here (no tensor-core matmul), so Q is kept small.
+  (D, S)), so the Mamba-2 trick of contracting C·Bᵀ over the state first does not apply: every
+  (n, d, s) is its own scalar recurrence, and any intra-chunk decay-matrix form costs Q times the
+  N·D·S·L states in memory traffic. Instead the sequence is cut into K chunks of Q steps laid out
+  step-major, and the recurrence is stepped Q times over all chunks at once (one contiguous slice per
+  step); the chunk-entry states come from a log-depth doubling scan over the K chunk ends; a second
+  pass of Q steps from those states yields y, contracting each step's state with C. Decays are only
+  ever exp of a non-positive number or products of such, so strong decays cannot overflow, and the
+  operations are the reference's own multiply-adds, so the result matches it to rounding.
 * :func:`selective_scan` picks mamba_ssm's fused CUDA kernel when it is installed, the tensors are on
   CUDA and nothing is being exported or traced, and the chunked form otherwise.
 
@@ -35,7 +33,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import math
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -43,10 +40,11 @@ import torch.nn.functional as F
 
 ScanOutput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
-# Chunk length of the chunked scan. Work and memory per step are ∝ Q (every (n, d, s) has its own Q×Q
-# decay matrix per chunk; no tensor-core matmul to feed), while a smaller Q adds recursion levels of a
-# dozen small ops each. On CPU, MVFuser's size (D 512, S 16, L 2594) ran 0.7 / 1.0 / 1.7 / 6.6 s with
-# Q = 4 / 8 / 16 / 64; 8 keeps four levels for 2594 tokens (2594 → 325 → 41 → 6).
+# Largest chunk length Q of the chunked scan: Q steps per pass (two passes), each over all K = L/Q chunks, plus
+# ⌈log₂ K⌉ doubling steps on (N, D, S, K) tensors. Measured on a 2-core CPU at MVFuser's size (D 512, S 16,
+# L 2594), scan alone, single thread: 0.20 / 0.17 / 0.12 s for Q = 8 / 16 / 32; with 2 threads on a
+# shared machine, fewer and larger operations win: the whole MVFuser forward over a ViT-L block on the
+# same tokens ran 0.72 / 0.72 / 0.79 / 0.91 for Q = 4 / 8 / 16 / 32 (scripts/bench_scan.py).
 DEFAULT_CHUNK = 8
 
 
@@ -161,54 +159,36 @@ def selective_scan_reference(
     return (out, h) if return_last_state else out
 
 
-def _segment_decay(log_a: torch.Tensor) -> torch.Tensor:
-    """Decay matrices of one chunk: (..., Q) log-decays → (..., Q, Q).
+def _prefix_scan(decay: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """All states of h_k = decay_k·h_{k−1} + x_k, h_{−1} = 0, along ``dim``, in ⌈log₂ n⌉ doubling steps.
 
-    Entry [t, τ] is exp(log_a[τ+1] + … + log_a[t]) for τ ≤ t (1 on the diagonal) and 0 above it. Each
-    entry is the sum of its own segment (a cumulative sum down the columns of a strictly-lower-masked
-    copy), not a difference of two running sums, which would lose the small segments next to a large one
-    to rounding; and the upper triangle is set to −inf before the exponential, so no entry overflows.
-    """
-    q = log_a.shape[-1]
-    # Made from log_a, not with device=: a traced graph would hold the tracing device as a literal.
-    ones = log_a.new_ones(q, q, dtype=torch.bool)
-    strict = torch.tril(ones, diagonal=-1)  # [k, τ]: k > τ
-    lower = torch.tril(ones)  # [t, τ]: t ≥ τ
-    segments = log_a.unsqueeze(-1).expand(*log_a.shape, q).masked_fill(~strict, 0.0).cumsum(dim=-2)
-    # In place: neither cumsum's nor masked_fill's backward needs its output, so this saves two decay-sized copies.
-    return segments.masked_fill_(~lower, -math.inf).exp_()
-
-
-def _diagonal_scan(log_a: torch.Tensor, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """All states of h_t = exp(log_a_t)·h_{t−1} + x_t, h_{−1} = 0, without a loop over t.
+    Step j adds to every position k ≥ 2^j the state 2^j positions back times the product of the decays in
+    between, so after it every state sums the inputs of the last 2^(j+1) positions; the products are
+    built the same way. Only products of decays ≤ 1 and sums are formed: nothing can overflow. Each step
+    updates the tail of the sequence only, and the decay products are kept for the positions that still
+    need them, so a step is two element-wise products and one concatenation.
 
     Args:
-        log_a: log-decays, (..., T).
-        x: inputs, (..., T), same shape.
-        chunk: chunk length Q ≥ 2.
+        decay: per-position decays (the first one is unused), any shape with n along ``dim``.
+        x: inputs, same shape.
+        dim: the scanned dimension.
 
     Returns:
-        h, (..., T).
+        h, shape of x.
     """
-    length = x.shape[-1]
-    if length <= chunk:  # one chunk: h = M·x
-        return (_segment_decay(log_a) @ x.unsqueeze(-1)).squeeze(-1)
-    n_chunks = -(-length // chunk)
-    pad = n_chunks * chunk - length
-    if pad:  # log a = 0 and x = 0 carry the state through unchanged; the padded tail is sliced off
-        log_a = F.pad(log_a, (0, pad))
-        x = F.pad(x, (0, pad))
-    log_a = log_a.unflatten(-1, (n_chunks, chunk))  # (..., n_chunks, Q)
-    x = x.unflatten(-1, (n_chunks, chunk))
-    h_local = (_segment_decay(log_a) @ x.unsqueeze(-1)).squeeze(-1)  # states from this chunk's inputs alone
-    # Log-decay from the chunk start to each position: a running sum of same-signed terms (A ≤ 0),
-    # so it is accurate, and its exponential is ≤ 1.
-    decay_in = log_a.cumsum(dim=-1)
-    # The chunk-end states follow the same recurrence one level up: H_c = exp(Σ_chunk log a)·H_{c−1} + local end.
-    h_end = _diagonal_scan(decay_in[..., -1], h_local[..., -1], chunk)  # (..., n_chunks)
-    h_enter = F.pad(h_end[..., :-1], (1, 0))  # state entering each chunk (0 before the first)
-    h = h_local + decay_in.exp() * h_enter.unsqueeze(-1)
-    return h.flatten(-2)[..., :length]
+    n = x.shape[dim]
+    if n <= 1:
+        return x
+    # decay_span[i] is the product of the decays of the `offset` positions ending at k = offset + i.
+    decay_span = decay.narrow(dim, 1, n - 1)
+    offset = 1
+    while offset < n:
+        tail = torch.addcmul(x.narrow(dim, offset, n - offset), decay_span, x.narrow(dim, 0, n - offset))
+        x = torch.cat([x.narrow(dim, 0, offset), tail], dim)
+        if 2 * offset < n:
+            decay_span = decay_span.narrow(dim, offset, n - 2 * offset) * decay_span.narrow(dim, 0, n - 2 * offset)
+        offset *= 2
+    return x
 
 
 def selective_scan_chunked(
@@ -226,35 +206,69 @@ def selective_scan_chunked(
 ) -> ScanOutput:
     """Selective scan computed chunk by chunk, with no loop over time; exports to ONNX without Loop/Scan.
 
-    Same function and arguments as :func:`selective_scan_reference`. Inside a chunk of ``chunk`` steps
-    the states are decay-matrix products (see :func:`_segment_decay`); across chunks the chunk-end
-    states are carried by the same scan at the chunk level, recursively, so the graph holds
-    ⌈log_chunk L⌉ levels and no loop. Shapes (including L) are fixed when exported; L need not be a
-    multiple of ``chunk`` (the tail is padded with Δ = 0, u = 0, which leaves the state unchanged).
+    Same function and arguments as :func:`selective_scan_reference`. The sequence is cut into K chunks
+    of Q ≤ ``chunk`` steps (Q·K ≥ L; the tail is padded with Δ = 0, u = 0, which leaves the state
+    unchanged), and every tensor is laid out step-major, (Q, N, G, K, D/G, S), so that step k of all
+    chunks at once is one contiguous slice:
 
-    Memory: the decay matrices take N·D·S·L·chunk floats (×≈(1 + 1/chunk) over all levels), plus about
-    five N·D·S·L tensors; e.g. MVFuser (D 512, S 16, L 2594) with chunk 8: ~0.7 GB of decay matrices per
-    image in float32. Both work and memory grow linearly with ``chunk``.
+    1. the decays exp(Δ·A) and inputs Δ·u·B of all steps, each in one broadcast product;
+    2. the states at the chunk ends, from a zero start: Q steps h ← a_k·h + x_k, each over all chunks;
+    3. the states entering each chunk: the chunk-level recurrence (decay exp(A·ΣΔ) over the chunk) solved
+       by :func:`_prefix_scan` in ⌈log₂ K⌉ steps;
+    4. the Q steps again from the entering states, contracting each step's state with C by a matmul.
 
-    Args and returns as :func:`selective_scan_reference`, plus ``chunk``, the chunk length (≥ 2).
+    About 3·Q + 3·⌈log₂ K⌉ + 20 operations in all, unrolled at trace time (so the exported graph is flat);
+    every exponent is ≤ 0 (Δ ≥ 0, A ≤ 0), so no overflow is possible, and no decay matrix exists: the
+    memory is two N·D·S·L tensors (decays and inputs) plus one chunk's states. The states are never
+    stored whole; only the contracted y is.
+
+    Args and returns as :func:`selective_scan_reference`, plus ``chunk``, the largest chunk length (≥ 1).
     """
-    if chunk < 2:
-        raise ValueError(f"selective_scan_chunked: chunk must be ≥ 2, got {chunk}")
+    if chunk < 1:
+        raise ValueError(f"selective_scan_chunked: chunk must be ≥ 1, got {chunk}")
     dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     groups, state = B.shape[1], A.shape[1]
     per_group = dim // groups
-    # Work in (N, G, D/G, S, L): channels of a group share B and C by broadcasting, without copies.
-    delta_g = delta.view(batch, groups, per_group, 1, length)
-    log_a = delta_g * A.view(1, groups, per_group, state, 1)  # Δ·A, (N, G, D/G, S, L)
-    x = (delta * u).view(batch, groups, per_group, 1, length) * B.unsqueeze(2)  # Δ·B·u, (N, G, D/G, S, L)
-    h = _diagonal_scan(log_a, x, chunk)
-    y = (h * C.unsqueeze(2)).sum(dim=3).reshape(batch, dim, length)  # contract the state: C_t·h_t
+    if length == 0:
+        out = _finish(u.new_zeros(batch, dim, 0), u, D, z, dtype)
+        return (out, u.new_zeros(batch, dim, state)) if return_last_state else out
+    n_chunks = -(-length // min(chunk, length))
+    steps = -(-length // n_chunks)  # the smallest Q for that many chunks: the least padding
+    pad = n_chunks * steps - length
+    # Two stacks, so that padding and relayout are two operations instead of four.
+    dd = torch.stack([delta, delta * u])  # (2, N, D, L): Δ and Δ·u
+    bc = torch.stack([B, C])  # (2, N, G, S, L)
+    if pad:
+        dd = F.pad(dd, (0, pad))
+        bc = F.pad(bc, (0, pad))
+    # Step-major: (2, Q, N, G, K, D/G, 1) and (2, Q, N, G, K, S, 1).
+    dd = dd.view(2, batch, groups, per_group, n_chunks, steps).permute(0, 5, 1, 2, 4, 3).unsqueeze(-1).contiguous()
+    bc = bc.view(2, batch, groups, state, n_chunks, steps).permute(0, 5, 1, 2, 4, 3).unsqueeze(-1).contiguous()
+    dt, dtu = dd[0], dd[1]  # (Q, N, G, K, D/G, 1)
+    b_row, c_col = bc[0].transpose(-1, -2), bc[1]  # (Q, N, G, K, 1, S), (Q, N, G, K, S, 1)
+    a_g = A.view(groups, 1, per_group, state)
+    # In place: mul's backward does not need its output, and exp's needs only its own.
+    decay = (dt * a_g).exp_()  # exp(Δ·A) ≤ 1, (Q, N, G, K, D/G, S)
+    x = dtu * b_row  # Δ·u·B, same shape
+    if n_chunks > 1:
+        h = x[0]
+        for k in range(1, steps):
+            h = torch.addcmul(x[k], decay[k], h)  # (N, G, K, D/G, S): chunk-end states from a zero start
+        chunk_decay = (dt.sum(0) * a_g).exp_()  # exp(A·Σ_chunk Δ): one chunk's total decay
+        h_end = _prefix_scan(chunk_decay, h, dim=2)
+        h = torch.cat([torch.zeros_like(h_end.narrow(2, 0, 1)), h_end.narrow(2, 0, n_chunks - 1)], 2)
+    else:
+        h = torch.zeros_like(x[0])
+    ys = []
+    for k in range(steps):
+        h = torch.addcmul(x[k], decay[k], h)
+        ys.append(torch.matmul(h, c_col[k]))  # C_t·h_t over the state: (N, G, K, D/G, 1)
+    y = torch.stack(ys).squeeze(-1).permute(1, 2, 4, 3, 0).reshape(batch, dim, n_chunks * steps)[..., :length]
     out = _finish(y, u, D, z, dtype)
-    if return_last_state:
-        last = h[..., -1].reshape(batch, dim, state) if length else u.new_zeros(batch, dim, state)
-        return out, last
+    if return_last_state:  # padded steps leave the state as it was, so the last chunk's end is the last state
+        return out, h.select(2, n_chunks - 1).reshape(batch, dim, state)
     return out
 
 
