@@ -85,6 +85,7 @@ import numpy as np
 from .benchutil import child_env, device_info, log_tail, make_frames, start_node, stop_node, summarize_ms
 from .codec import MAX_PIXELS, compressed_to_rgb, encode_image_fields, encode_jpeg, image_to_rgb
 from .engine import BACKENDS, PRECISIONS, device_arg, resize_labels
+from .torch_export import COMPILE_MODES
 
 ENCODINGS = ("rgb8", "bgr8", "jpeg")
 # Environment that changes how DDS moves large messages; recorded in each report.
@@ -128,6 +129,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="torchscript and pt2 arithmetic, in the engine and the node (default auto: the card's checked "
                         "GPU precision on a GPU, fp32 on the CPU); ONNX Runtime takes auto or the card's precision")
+    p.add_argument("--torch-compile", choices=COMPILE_MODES, default="auto",
+                   help="pt2 backend, in the engine and the node: none (eager), inductor (torch.compile at load) or "
+                        "aoti (AOTInductor, compiled once and cached); default auto: inductor on a GPU, none on the CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads (0 = runtime default)")
     p.add_argument("--spin-wait", action="store_true",
                    help="let ONNX Runtime's CPU threads busy-wait between operators, in the engine and the node "
@@ -181,8 +185,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def command_line(args: argparse.Namespace) -> str:
     """The run as one explicit command line, defaults included, so a report says exactly what ran."""
     parts = ["dgss-perception", "bench", "--model", str(args.model), "--backend", args.backend, "--device",
-             args.device, "--precision", args.precision, "--threads", str(args.threads), "--io-binding",
-             args.io_binding]
+             args.device, "--precision", args.precision, "--torch-compile", args.torch_compile, "--threads",
+             str(args.threads), "--io-binding", args.io_binding]
     if args.spin_wait:
         parts.append("--spin-wait")
     if args.cuda_graph:
@@ -779,7 +783,7 @@ def node_params(args: argparse.Namespace, model: Path) -> list[str]:
     params = [f"model:={model}", "qos_reliability:=reliable", "diagnostics_period:=0.5",
               f"stats_window:={args.node_frames}",
               f"backend:={args.backend}", f"device:={args.device}", f"precision:={args.precision}",
-              f"threads:={args.threads}",
+              f"torch_compile:={args.torch_compile}", f"threads:={args.threads}",
               f"spin_wait:={str(args.spin_wait).lower()}", f"cuda_graph:={str(args.cuda_graph).lower()}"]
     if args.encoding == "jpeg":
         params.append("image_transport:=compressed")
@@ -867,7 +871,8 @@ def run_bench(args: argparse.Namespace) -> int:
         model = args.model.resolve()
         segmenter = Segmenter(model, backend=args.backend, device=args.device, threads=args.threads,
                               inference_mode=args.inference_mode, io_binding=IO_BINDING[args.io_binding],
-                              spin_wait=args.spin_wait, cuda_graph=args.cuda_graph, precision=args.precision)
+                              spin_wait=args.spin_wait, cuda_graph=args.cuda_graph, precision=args.precision,
+                              torch_compile=args.torch_compile)
     except (ValueError, FileExistsError, CardError, BackendError) as exc:  # CardError is a ValueError
         print(f"dgss-perception bench: error: {exc}", file=sys.stderr)
         return 2

@@ -53,6 +53,7 @@ from .card import CardError, ModelCard
 from .codec import FrameError, compressed_to_rgb, encode_image_fields, image_to_rgb
 from .engine import BACKENDS, OUTPUT_RESOLUTIONS, PRECISIONS, Segmenter
 from .labels import colorize, confidence_to_mono8, overlay, palette_lut
+from .torch_export import COMPILE_MODES
 
 try:  # vision_msgs is part of a ROS 2 install, not of the pip wheels.
     from vision_msgs.msg import LabelInfo, VisionClass
@@ -72,6 +73,8 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "device": ("auto", "auto | cpu | cuda | cuda:N (the N-th GPU); the log and /diagnostics say which was taken"),
     "precision": ("auto", "torchscript/pt2 arithmetic: auto (GPU: the card's checked torch_gpu_precision; CPU: fp32) | "
                           "fp32 | bf16 | fp16; ONNX Runtime takes auto or the card's precision"),
+    "torch_compile": ("auto", "pt2 backend: auto (GPU: inductor; CPU: none) | none | inductor (torch.compile at start) | "
+                              "aoti (AOTInductor, compiled at the first start on this machine and cached)"),
     "cameras": ([""], "camera namespaces served by this node; [''] = the node's own namespace"),
     "image_transport": ("raw", "raw (subscribe 'image') | compressed (subscribe 'image/compressed')"),
     "camera_info": (False, "subscribe '<cam>/camera_info' and republish it as '<cam>/labels/camera_info'"),
@@ -112,6 +115,8 @@ def read_parameters(node: Node) -> dict[str, Any]:
         (p["backend"] in BACKENDS, f"backend must be one of {BACKENDS}, got {p['backend']!r}"),
         (device_ok, device_problem),
         (p["precision"] in PRECISIONS, f"precision must be one of {PRECISIONS}, got {p['precision']!r}"),
+        (p["torch_compile"] in COMPILE_MODES,
+         f"torch_compile must be one of {COMPILE_MODES}, got {p['torch_compile']!r}"),
         (bool(cams) and len(set(cams)) == len(cams), f"cameras must be distinct namespaces, got {cams}"),
         (p["image_transport"] in TRANSPORTS,
          f"image_transport must be raw or compressed, got {p['image_transport']!r}"),
@@ -218,7 +223,7 @@ class SegmentationMixin:
                                    inference_mode=p["inference_mode"] or None, theta=p["confidence_threshold"],
                                    c_tau=p["refine_fraction"], window_batch=p["window_batch"],
                                    spin_wait=bool(p["spin_wait"]), cuda_graph=bool(p["cuda_graph"]),
-                                   precision=p["precision"])
+                                   precision=p["precision"], torch_compile=p["torch_compile"])
         card = self.segmenter.card
         self.lut = palette_lut(card.palette)
         self.get_logger().info(f"model {card.name} on {self.segmenter.device_report}")
