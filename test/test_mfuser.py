@@ -237,6 +237,8 @@ def slide_in_graph_dir(tmp_path_factory, tiny_mfuser_dir):
     return out
 
 
+# Setup exports the slide-in-graph package (and, run alone, the tiny package first): minutes on two busy cores.
+@pytest.mark.timeout(1800)
 def test_slide_in_graph_card_and_graph(slide_in_graph_dir, tiny_mfuser_dir):
     import onnx
 
@@ -254,6 +256,7 @@ def test_slide_in_graph_card_and_graph(slide_in_graph_dir, tiny_mfuser_dir):
     assert [o.name for o in model.graph.output] == ["labels", "confidence"]
 
 
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("backend", ["onnx", "torchscript"])
 def test_slide_in_graph_equals_the_runtime_slide(slide_in_graph_dir, tiny_mfuser_dir, backend):
     frame = np.random.default_rng(11).integers(0, 256, (150, 200, 3), dtype=np.uint8)
