@@ -1,7 +1,8 @@
-"""The fused Triton selective scan (``dgss::selective_scan``) against the sequential reference.
+"""The fused Triton selective scan (``dgss::selective_scan``) and its backward against the sequential reference.
 
-Off a GPU the op's CPU kernel runs the same Triton kernel body in Triton's interpreter, so every
-comparison here checks the kernel itself; the GPU test compares the compiled kernel and mamba_ssm.
+Off a GPU the ops' CPU kernels run the same Triton kernel bodies in Triton's interpreter, so every
+comparison here checks the kernels themselves (the backward's against autograd through the reference in
+fp64); the GPU tests compare the compiled kernels with the reference and mamba_ssm.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ pytest.importorskip("triton")
 
 from training.models.selective_scan import selective_scan_chunked, selective_scan_reference  # noqa: E402
 from training.models.selective_scan_triton import (  # noqa: E402
+    BWD_CHUNK,
     block_d,
+    selective_scan_backward_chunked,
     selective_scan_fast,
     selective_scan_triton,
 )
@@ -227,6 +230,180 @@ def test_fast_dispatch_uses_the_chunked_scan_on_cpu(monkeypatch: pytest.MonkeyPa
     assert torch.equal(got, want) and torch.equal(last, want_last)
 
 
+# -- backward kernel ------------------------------------------------------------------------------------------
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def backward_by_op(args: Dict[str, Optional[torch.Tensor]], grad_out: torch.Tensor, grad_last: Optional[torch.Tensor],
+                   softplus: bool, chunk: int) -> Dict[str, Optional[torch.Tensor]]:
+    """Gradients from ``dgss::selective_scan_backward`` (the interpreted kernel on CPU); None for absent operands."""
+    grads = torch.ops.dgss.selective_scan_backward(*(args[k] for k in GRAD_NAMES), grad_out, grad_last, softplus,
+                                                   chunk)
+    for k, g in zip(GRAD_NAMES, grads):
+        assert (g.numel() == 0) == (args[k] is None), k
+    return {k: g if args[k] is not None else None for k, g in zip(GRAD_NAMES, grads)}
+
+
+def backward_by_autograd(args: Dict[str, Optional[torch.Tensor]], grad_out: torch.Tensor,
+                         grad_last: Optional[torch.Tensor], softplus: bool,
+                         dtype: Optional[torch.dtype] = torch.float64) -> Dict[str, Optional[torch.Tensor]]:
+    """Autograd through the sequential reference, in ``dtype`` (None: the operands' own dtypes)."""
+    leaves = {k: None if v is None else v.detach().to(dtype or v.dtype).requires_grad_(True) for k, v in args.items()}
+    out, last = selective_scan_reference(**leaves, delta_softplus=softplus, return_last_state=True)
+    outputs, grads = [out], [grad_out.to(out.dtype)]
+    if grad_last is not None:
+        outputs.append(last)
+        grads.append(grad_last.to(last.dtype))
+    torch.autograd.backward(outputs, grads)
+    return {k: None if v is None else v.grad for k, v in leaves.items()}
+
+
+def assert_grads_close(got: Dict[str, Optional[torch.Tensor]], want: Dict[str, Optional[torch.Tensor]],
+                       tol: float = 1e-5, zero: Tuple[str, ...] = ()) -> None:
+    """Every present gradient equal within ``tol`` (relative, or of its largest value); nonzero unless in ``zero``."""
+    for k in GRAD_NAMES:
+        if want[k] is None:
+            assert got[k] is None, k
+            continue
+        assert got[k].shape == want[k].shape, k
+        assert (want[k].abs().max() > 0) != (k in zero), k
+        scale = want[k].abs().max().item()
+        torch.testing.assert_close(got[k].double(), want[k].double(), rtol=tol, atol=tol * scale, msg=k)
+
+
+def backward_case(dim: int, length: int, state: int, groups: int, *, options: str = "all", decay: float = 1.0,
+                  dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Operands, grad_out (N, D, L), grad_last (N, D, S) or None, and softplus for an option set."""
+    flags = {"all": (True, True, True, True, True), "none": (False, False, False, False, False),
+             "z_only": (False, True, False, False, False), "D_bias": (True, False, True, False, True),
+             "softplus_last": (False, False, False, True, True)}[options]
+    t = make_inputs(dim, length, state, groups=groups, decay=decay, dtype=dtype, seed=seed)
+    args = pick(t, D=flags[0], z=flags[1], bias=flags[2])
+    if not flags[3]:  # as in the forward tests: steps used as given (with their bias) are positive
+        args["delta"] = args["delta"].abs()
+        if args["delta_bias"] is not None:
+            args["delta_bias"] = args["delta_bias"].abs()
+    g = torch.Generator().manual_seed(seed + 100)
+    grad_out = torch.randn(2, dim, length, generator=g).to(dtype)
+    grad_last = torch.randn(2, dim, state, generator=g) if flags[4] else None
+    return args, grad_out, grad_last, flags[3]
+
+
+@pytest.mark.parametrize("length", [1, 7, 33, 70])
+def test_backward_kernel_equals_fp64_autograd(length: int) -> None:
+    """All options on, grouped B/C, a last-state gradient; with 16-step chunks, 33 and 70 end off a chunk boundary.
+
+    The kernel accumulates in fp32 and the reference runs in fp64: they agree to fp32 rounding.
+    """
+    args, grad_out, grad_last, softplus = backward_case(8, length, 4, 2, seed=length)
+    got = backward_by_op(args, grad_out, grad_last, softplus, chunk=16)
+    assert all(got[k].dtype == args[k].dtype for k in GRAD_NAMES)
+    # One step from h = 0 leaves A without influence: its gradient is exactly zero.
+    assert_grads_close(got, backward_by_autograd(args, grad_out, grad_last, softplus),
+                       zero=("A",) if length == 1 else ())
+    assert length > 1 or not got["A"].any()
+
+
+@pytest.mark.parametrize("options", ["none", "z_only", "D_bias", "softplus_last"])
+def test_backward_kernel_option_sets(options: str) -> None:
+    """Each optional operand and the last state's gradient off in turn; L = 24 is three whole 8-step chunks."""
+    args, grad_out, grad_last, softplus = backward_case(8, 24, 5, 0, options=options, seed=11)
+    got = backward_by_op(args, grad_out, grad_last, softplus, chunk=8)
+    assert_grads_close(got, backward_by_autograd(args, grad_out, grad_last, softplus))
+
+
+@pytest.mark.parametrize("dim,groups", [(22, 2), (12, 12)])
+def test_backward_groups_across_channel_blocks(dim: int, groups: int) -> None:
+    """Groups that do not align with the channel blocks (11 or 1 channels per group, blocks of 4): dB and dC are
+    added per channel, not per block; the aligned case (4 per group) is the fp64 test above."""
+    assert (dim // groups) % block_d(2, dim) != 0 and (8 // 2) % block_d(2, 8) == 0
+    args, grad_out, grad_last, softplus = backward_case(dim, 19, 4, groups, seed=dim)
+    got = backward_by_op(args, grad_out, grad_last, softplus, chunk=8)
+    assert_grads_close(got, backward_by_autograd(args, grad_out, grad_last, softplus))
+
+
+def test_backward_strong_decays() -> None:
+    """exp(Δ·A) underflowing to 0: the backward recomputes states forwards, never divides by the decay."""
+    args, grad_out, grad_last, softplus = backward_case(8, 40, 4, 2, decay=1000.0, seed=3)
+    args["delta"] = args["delta"] * 8.0 + 4.0
+    got = backward_by_op(args, grad_out, grad_last, softplus, chunk=16)
+    assert all(torch.isfinite(g).all() for g in got.values())
+    assert_grads_close(got, backward_by_autograd(args, grad_out, grad_last, softplus))
+
+
+def test_backward_half_inputs() -> None:
+    """bf16 u, delta, B, C, z and grad_out: against autograd through the reference on the same inputs.
+
+    Both compute the gradients in fp32 and round those of bf16 operands once, so they differ by at most one
+    bf16 unit in the last place (relative 2⁻⁷), plus fp32 noise of 1e−5 of the largest value where values
+    cancel; the fp32 gradients (A, D, delta_bias) agree to 1e−4.
+    """
+    args, grad_out, grad_last, softplus = backward_case(8, 21, 4, 2, dtype=torch.bfloat16, seed=9)
+    got = backward_by_op(args, grad_out, grad_last, softplus, chunk=8)
+    want = backward_by_autograd(args, grad_out, grad_last, softplus, dtype=None)
+    for k in GRAD_NAMES:
+        assert got[k].dtype == want[k].dtype == args[k].dtype, k
+        if args[k].dtype == torch.bfloat16:
+            scale = want[k].float().abs().max().item()
+            torch.testing.assert_close(got[k].float(), want[k].float(), rtol=2.0 ** -7, atol=1e-5 * scale, msg=k)
+        else:
+            scale = want[k].abs().max().item()
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4 * scale, msg=k)
+
+
+def test_backward_kernel_equals_the_chunked_backward_on_strided_operands() -> None:
+    """The plain backward (autograd through the chunked scan) and the kernel agree, with channels-last u and
+    delta, B and C sliced from one projection, and a broadcast grad_out (stride 0, as from ``out.sum()``)."""
+    t = make_inputs(12, 26, 4, seed=12)
+    u = t["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    delta = t["delta"].transpose(1, 2).contiguous().transpose(1, 2)
+    bc = torch.cat([t["B"], t["C"]], dim=1)
+    args = {**pick(t, D=True, z=True, bias=True), "u": u, "delta": delta, "B": bc[:, :4], "C": bc[:, 4:]}
+    grad_out = torch.full((1, 1, 1), 0.5).expand(2, 12, 26)
+    assert grad_out.stride() == (0, 0, 0) and not args["B"].is_contiguous()
+    got = backward_by_op(args, grad_out, None, True, chunk=8)
+    plain = selective_scan_backward_chunked(*(args[k] for k in GRAD_NAMES), grad_out, None, True)
+    assert_grads_close(got, dict(zip(GRAD_NAMES, plain)))
+    only_u = selective_scan_backward_chunked(*(args[k] for k in GRAD_NAMES), grad_out, None, True,
+                                             wanted=[True] + [False] * 7)
+    assert only_u[1:] == (None,) * 7 and torch.equal(only_u[0], plain[0])
+
+
+def test_backward_through_autograd_with_only_the_last_state_used() -> None:
+    """A loss of the last state alone: the op's backward gets a zero grad_out and the last state's gradient."""
+    t = make_inputs(8, 18, 4, groups=2, seed=13)
+    grads = {}
+    for name, scan in (("op", selective_scan_triton), ("reference", selective_scan_reference)):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+        _, last = scan(**leaves, delta_softplus=True, return_last_state=True)
+        (last * last).sum().backward()
+        # C, D and z act on the output only: zero gradients from the op, none from the reference.
+        for k in ("C", "D", "z"):
+            assert leaves[k].grad is None or not leaves[k].grad.any(), k
+        grads[name] = {k: None if k in ("C", "D", "z") else v.grad for k, v in leaves.items()}
+    assert_grads_close(grads["op"], grads["reference"], 1e-4)
+
+
+def test_backward_fake_implementation_gives_the_shapes() -> None:
+    from torch._subclasses import FakeTensorMode
+
+    t = make_inputs(40, 23, 6, groups=4, dtype=torch.bfloat16)
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) for k, v in t.items()}
+        grads = torch.ops.dgss.selective_scan_backward(*(fake[k] for k in GRAD_NAMES), fake["u"], None, True, 64)
+    for k, g in zip(GRAD_NAMES, grads):
+        assert g.shape == t[k].shape and g.dtype == t[k].dtype, k
+
+
+def test_backward_bad_gradient_shapes_raise_clear_errors() -> None:
+    t = make_inputs(8, 5, 4)
+    operands = [t[k] for k in GRAD_NAMES]
+    with pytest.raises(ValueError, match="grad_out must be"):
+        torch.ops.dgss.selective_scan_backward(*operands, t["u"][..., :4], None, True, 64)
+    with pytest.raises(ValueError, match="grad_last must be"):
+        torch.ops.dgss.selective_scan_backward(*operands, t["u"], torch.zeros(2, 8, 3), True, 64)
+
+
 # -- GPU ----------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -249,3 +426,16 @@ def test_compiled_kernel_equals_the_reference_and_mamba_ssm(dtype: torch.dtype) 
         assert_scan_close(got_last, mamba_last, 1e-4)
     fast = selective_scan_fast(**cuda, delta_softplus=True)
     assert_scan_close(fast, got, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dim,groups", [(96, 0), (96, 4), (90, 9)])
+def test_compiled_backward_equals_fp64_autograd(dim: int, groups: int) -> None:
+    """The compiled backward kernel (64-step chunks over L = 300, block-aligned groups or not) against autograd
+    through the reference in fp64 on the CPU."""
+    args, grad_out, grad_last, softplus = backward_case(dim, 300, 16, groups, seed=8)
+    cuda = {k: None if v is None else v.cuda() for k, v in args.items()}
+    got = backward_by_op(cuda, grad_out.cuda(), grad_last.cuda(), softplus, chunk=BWD_CHUNK)
+    want = backward_by_autograd(args, grad_out, grad_last, softplus)
+    assert_grads_close({k: None if v is None else v.cpu() for k, v in got.items()}, want, 1e-4)
