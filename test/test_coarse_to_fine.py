@@ -182,3 +182,100 @@ def test_refine_graph_is_deterministic_on_overlapping_windows(c2f):
     with torch.no_grad():
         eager = ts(torch.from_numpy(image), torch.from_numpy(logits), torch.from_numpy(selected))[1].numpy()
     assert np.abs(runs[0] - eager).max() < 1e-4
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in network whose ``coarse`` returns the same logits whatever it is fed, and keeps its input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.seen: torch.Tensor | None = None
+
+    def coarse(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen = x
+        return self.logits.clone()
+
+
+def smooth_logits(classes: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """(1, C, h, w) logits varying smoothly, scaled so the max softmax spreads over (0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    small = torch.randn(1, classes, max(2, height // 3), max(2, width // 3), generator=gen)
+    return 3.0 * torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+
+
+# Frame, window, stride, coarse logits: the tiny package's sizes, and sizes that divide nothing
+# (frame 100×150 from 13×19 logits, windows of 48 every 29 with the last flush against the border).
+GATE_CASES = [((112, 224), 56, 35, (14, 28)), ((100, 150), 48, 29, (13, 19)), ((97, 203), 40, 27, (11, 23))]
+
+
+@pytest.mark.parametrize("frame_size, window, stride, logits_size", GATE_CASES)
+def test_coarse_graph_equals_its_reference_on_the_same_logits(frame_size, window, stride, logits_size):
+    """Given the same stage-1 logits, the fast coarse graph's labels, confidence and window shares are the
+    reference's bit for bit (the same upsample and reductions, in place), at θ values that send some
+    windows either way."""
+    from training.export_wrappers import CoarseGraph, CoarseGraphReference
+
+    windows = window_grid(*frame_size, window, stride)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for seed in range(3):
+        network = FixedLogits(smooth_logits(19, *logits_size, seed))
+        fast = CoarseGraph(network, mean, std, (logits_size[0] * 4, logits_size[1] * 4), windows, window).eval()
+        plain = CoarseGraphReference(network, mean, std, fast.coarse_size, windows, window).eval()
+        image = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (1, *frame_size, 3), dtype=np.uint8))
+        with torch.no_grad():
+            ref = plain(image, torch.tensor([0.5]))
+            thetas = torch.quantile(ref[1].flatten(), torch.tensor([0.2, 0.5, 0.8])).tolist()
+            for theta in thetas:
+                got = fast(image, torch.tensor([theta]))
+                want = plain(image, torch.tensor([theta]))
+                assert torch.equal(got[0], want[0])
+                assert torch.equal(got[1], want[1])
+                assert torch.equal(got[2], want[2])
+                assert got[3].shape == (1, len(windows)) and got[3].dtype == torch.float32
+                assert torch.equal(got[3], want[3]), (frame_size, seed, theta)
+                assert 0.0 < float(want[3].max()) and float(want[3].min()) < 1.0
+        # Its network input is the reference's: normalising after the resize differs by float rounding only.
+        assert network.seen is not None and network.seen.shape == (1, 3, *fast.coarse_size)
+        with torch.no_grad():
+            plain(image, torch.tensor([0.5]))
+            seen_plain = network.seen
+            fast(image, torch.tensor([0.5]))
+        assert float((network.seen - seen_plain).abs().max()) < 1e-5
+
+
+def test_coarse_graph_matches_its_reference_with_the_network(c2f):
+    """End to end with the tiny VFMNet: the same window decisions and labels but where the top two tie."""
+    from training.export_wrappers import CoarseGraph, CoarseGraphReference
+    from training.inference import model_at_size
+
+    cfg, weights, _ = c2f
+    inf = cfg.inference
+    model = model_at_size(cfg, load_state_dict_file(weights), tuple(inf.coarse_size))
+    windows = window_grid(*FRAME, inf.window, inf.stride)
+    args = (model, cfg.model.mean, cfg.model.std, tuple(inf.coarse_size), windows, inf.window)
+    fast, plain = CoarseGraph(*args).eval(), CoarseGraphReference(*args).eval()
+    for frame in frames(2, seed=21):
+        image = torch.from_numpy(frame)[None]
+        with torch.no_grad():
+            confidence = plain(image, torch.tensor([0.5]))[1].numpy()
+            theta = torch.tensor([split_between(confidence.ravel(), 1e-5)])
+            got, want = fast(image, theta), plain(image, theta)
+        assert float((got[2] - want[2]).abs().max()) < 1e-4
+        assert float((got[1] - want[1]).abs().max()) < 1e-5
+        assert float((got[0] != want[0]).float().mean()) < 1e-3
+        # θ lies more than 1e-5 from every confidence, farther than the two differ: no pixel changes side.
+        assert torch.equal(got[3], want[3])
+        assert torch.equal(got[3] < inf.c_tau, want[3] < inf.c_tau)
+
+
+def test_labels_and_confidence_overwriting_equals_the_plain_form():
+    from training.export_wrappers import labels_and_confidence
+
+    logits = torch.randn(2, 19, 33, 47, generator=torch.Generator().manual_seed(4)) * 6
+    logits[0, 4, :5] = logits[0, 7, :5] = 50.0
+    want = labels_and_confidence(logits)
+    scratch = logits.clone()
+    got = labels_and_confidence(scratch, overwrite=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(scratch, logits)  # it did work in place
