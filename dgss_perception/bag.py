@@ -3,7 +3,8 @@
 :func:`process_bag` reads a bag read-only and writes a new one that holds every
 input message unchanged (topic, type, bag timestamp and serialized bytes) plus
 one label topic per image topic (``sensor_msgs/msg/Image`` and
-``sensor_msgs/msg/CompressedImage``).
+``sensor_msgs/msg/CompressedImage``). Topics named as labels (``…/labels``,
+``…/labels/compressed``) are not segmented unless selected by name.
 
 Label topic naming rule: take the image topic, remove one trailing
 ``/compressed``, then append ``/labels``::
@@ -13,12 +14,17 @@ Label topic naming rule: take the image topic, remove one trailing
 
 A label message is a mono8 ``sensor_msgs/msg/Image`` of Cityscapes trainIds
 (255 = ignore) at the input frame's resolution, carrying the input message's
-header unchanged, written at the input message's bag timestamp. A label topic
-that already exists in the bag, or two image topics that map to the same label
-topic, is an error raised before anything is written.
+header unchanged, written at the input message's bag timestamp. With
+``labels="compressed"`` or ``"both"`` the same labels go (instead or also) to
+``<label topic>/compressed`` as a ``sensor_msgs/msg/CompressedImage``: lossless
+PNG, format "mono8; png compressed mono8" (:mod:`dgss_perception.label_codec`),
+about 1/200 of the raw size. A label topic that already exists in the bag, or
+two image topics that map to the same label topic, is an error raised before
+anything is written.
 
 Evaluation against ground truth (``gt_topics``): a ground-truth topic holds mono8
-``sensor_msgs/msg/Image`` trainIds (255 = ignore). It is copied like any other
+``sensor_msgs/msg/Image`` trainIds (255 = ignore), or the same as mono8 PNG
+``sensor_msgs/msg/CompressedImage`` (compressed labels). It is copied like any other
 topic but never segmented. A segmented frame is paired with the ground-truth
 message of the same header stamp (exact match, in whatever order the two were
 recorded); frames without one count as unmatched, ground truth of another size
@@ -50,6 +56,7 @@ import yaml
 
 from .codec import FrameError, compressed_to_rgb, encode_image_fields, encode_jpeg, image_to_rgb
 from .engine import BACKENDS, device_arg, resize_labels
+from .label_codec import LABELS_FORMAT, announces_labels, compressed_labels_to_array, encode_labels_png
 from .labels import CITYSCAPES_CLASSES, IGNORE_INDEX
 from .metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
@@ -63,6 +70,9 @@ COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
 STORAGES = ("sqlite3", "mcap")
 LABEL_SUFFIX = "/labels"
+COMPRESSED_SUFFIX = "/compressed"
+# Which label topics a bag gets: mono8 Image, PNG CompressedImage, or both.
+LABEL_MODES = ("raw", "compressed", "both")
 
 # Metadata version 8 keeps QoS profiles as the integer-enum YAML string that
 # Humble's rosbag2 parses; version 9 (string enums) is only read by newer releases.
@@ -144,6 +154,7 @@ class BagReport:
     errors: list[str] = field(default_factory=list)
     evaluation: dict[str, TopicEvaluation] = field(default_factory=dict)  # image topic → its ground-truth scores
     classes: tuple[str, ...] = CITYSCAPES_CLASSES
+    labels: str = "raw"  # which label topics were written: raw, compressed or both (see label_outputs)
 
     @property
     def total_segmented(self) -> int:
@@ -157,7 +168,8 @@ class BagReport:
         """A few human-readable lines."""
         lines = [f"wrote {self.output_path} ({self.storage}): {self.messages_copied} messages copied"]
         for image_topic, label_topic in self.label_topics.items():
-            lines.append(f"  {image_topic} -> {label_topic}: {self.frames_segmented.get(image_topic, 0)} segmented, "
+            written = " + ".join(t for t, _ in label_outputs(label_topic, self.labels))
+            lines.append(f"  {image_topic} -> {written}: {self.frames_segmented.get(image_topic, 0)} segmented, "
                          f"{self.frames_failed.get(image_topic, 0)} failed")
         lines.extend(f"  skipped: {e}" for e in self.errors[:5])
         if len(self.errors) > 5:
@@ -199,9 +211,28 @@ def label_topic_for(image_topic: str) -> str:
     return base + LABEL_SUFFIX
 
 
-def plan_label_topics(topic_types: dict[str, str], topics: list[str] | None = None) -> dict[str, str]:
-    """Image topic → label topic for a bag's ``{topic: type}``; BagError on a bad selection or a collision."""
-    images = sorted(t for t, typ in topic_types.items() if typ in IMAGE_TYPES)
+def label_outputs(label_topic: str, labels: str = "raw") -> list[tuple[str, str]]:
+    """(topic, message type) written for one label topic: the mono8 Image and/or its PNG CompressedImage."""
+    if labels not in LABEL_MODES:
+        raise BagError(f"labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+    raw = [(label_topic, IMAGE_TYPE)] if labels in ("raw", "both") else []
+    return raw + ([(label_topic + COMPRESSED_SUFFIX, COMPRESSED_TYPE)] if labels != "raw" else [])
+
+
+def is_label_topic(topic: str) -> bool:
+    """Whether a topic is named as label output: ``…/labels`` or ``…/labels/compressed``."""
+    return topic.endswith(LABEL_SUFFIX) or topic.endswith(LABEL_SUFFIX + COMPRESSED_SUFFIX)
+
+
+def plan_label_topics(topic_types: dict[str, str], topics: list[str] | None = None,
+                      labels: str = "raw") -> dict[str, str]:
+    """Image topic → label topic for a bag's ``{topic: type}``; BagError on a bad selection or a collision.
+
+    ``labels`` (raw, compressed, both) says which topics each label topic stands for (:func:`label_outputs`);
+    none of them may exist in the bag.
+    """
+    # Label topics (of an earlier run, or recorded from the node) are outputs, not cameras: left out unless named.
+    images = sorted(t for t, typ in topic_types.items() if typ in IMAGE_TYPES and not is_label_topic(t))
     if topics is not None:
         for topic in topics:
             if topic not in topic_types:
@@ -214,9 +245,10 @@ def plan_label_topics(topic_types: dict[str, str], topics: list[str] | None = No
     owners: dict[str, str] = {}
     for topic in images:
         label = label_topic_for(topic)
-        if label in topic_types:
-            raise BagError(f"label topic {label} for {topic} already exists in the bag "
-                           f"(select other image topics with --topics)")
+        for written, _ in label_outputs(label, labels):
+            if written in topic_types:
+                raise BagError(f"label topic {written} for {topic} already exists in the bag "
+                               f"(select other image topics with --topics)")
         if label in owners:
             raise BagError(f"image topics {owners[label]} and {topic} would both write label topic {label}; "
                            f"select one of them with --topics")
@@ -226,33 +258,37 @@ def plan_label_topics(topic_types: dict[str, str], topics: list[str] | None = No
 
 
 def plan_ground_truth(topic_types: dict[str, str], topics: list[str] | None,
-                      gt_topics: str | Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, str]]:
+                      gt_topics: str | Mapping[str, str] | None,
+                      labels: str = "raw") -> tuple[dict[str, str], dict[str, str]]:
     """(image topic → label topic, image topic → ground-truth topic) for a bag's ``{topic: type}``.
 
     ``gt_topics`` is one ground-truth topic (for a bag with exactly one image topic to segment)
-    or image topic → ground-truth topic pairs. Ground-truth topics are never segmented.
+    or image topic → ground-truth topic pairs. Ground-truth topics are never segmented. ``labels``:
+    which label topics are written (:func:`label_outputs`).
 
     Raises:
-        BagError: a ground-truth topic missing or not an Image, one paired twice, also selected as
+        BagError: a ground-truth topic missing or not an Image or CompressedImage, one paired twice, also selected as
             an image topic, or a pairing that does not name a segmented image topic.
     """
     if not gt_topics:
-        return plan_label_topics(topic_types, topics), {}
+        return plan_label_topics(topic_types, topics, labels), {}
     named = [gt_topics] if isinstance(gt_topics, str) else list(gt_topics.values())
     for gt in named:
         if gt not in topic_types:
             raise BagError(f"ground-truth topic {gt} is not in the bag")
-        if topic_types[gt] != IMAGE_TYPE:
-            raise BagError(f"ground-truth topic {gt} has type {topic_types[gt]}, not {IMAGE_TYPE} (mono8 trainIds)")
+        if topic_types[gt] not in IMAGE_TYPES:
+            raise BagError(f"ground-truth topic {gt} has type {topic_types[gt]}, not {IMAGE_TYPE} (mono8 trainIds) "
+                           f"or {COMPRESSED_TYPE} (mono8 PNG)")
         if named.count(gt) > 1:
             raise BagError(f"ground-truth topic {gt} is paired with several image topics")
         if topics and gt in topics:
             raise BagError(f"topic {gt} is selected as an image topic (--topics) and given as ground truth")
     # Ground-truth topics are images too, but references rather than inputs: left out of the default selection.
-    plan = plan_label_topics({t: typ for t, typ in topic_types.items() if t not in named}, topics)
+    plan = plan_label_topics({t: typ for t, typ in topic_types.items() if t not in named}, topics, labels)
     for image_topic, label_topic in plan.items():
-        if label_topic in topic_types:
-            raise BagError(f"label topic {label_topic} for {image_topic} already exists in the bag")
+        for written, _ in label_outputs(label_topic, labels):
+            if written in topic_types:
+                raise BagError(f"label topic {written} for {image_topic} already exists in the bag")
     if isinstance(gt_topics, str):
         if len(plan) != 1:
             raise BagError(f"ground-truth topic {gt_topics} without an image topic needs exactly one image topic "
@@ -289,13 +325,19 @@ def _stamp_text(stamp_ns: int) -> str:
     return f"{stamp_ns // 1_000_000_000}.{stamp_ns % 1_000_000_000:09d}"
 
 
-def _decode_gt(typestore: Typestore, raw: bytes | memoryview) -> tuple[int | None, np.ndarray | str]:
+def _decode_gt(typestore: Typestore, raw: bytes | memoryview,
+               msgtype: str = IMAGE_TYPE) -> tuple[int | None, np.ndarray | str]:
     """(header stamp in ns or None if unreadable, trainIds H×W or the reason they are unusable)."""
     try:
-        msg = typestore.deserialize_cdr(raw, IMAGE_TYPE)
+        msg = typestore.deserialize_cdr(raw, msgtype)
     except Exception as exc:  # truncated or corrupt CDR surfaces as assorted struct/index errors
         return None, f"cannot deserialize: {exc}"
     stamp = _stamp_ns(msg.header)
+    if msgtype == COMPRESSED_TYPE:
+        try:
+            return stamp, compressed_labels_to_array(msg)
+        except FrameError as exc:
+            return stamp, str(exc)
     if str(msg.encoding).lower() not in GT_ENCODINGS:
         return stamp, f"encoding {msg.encoding!r}, expected mono8 trainIds"
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
@@ -329,10 +371,11 @@ class _GroundTruthMatcher:
         else:
             ev.unmatched += 1
 
-    def truth(self, gt_topic: str, timestamp: int, raw: bytes | memoryview, typestore: Typestore) -> None:
+    def truth(self, gt_topic: str, timestamp: int, raw: bytes | memoryview, typestore: Typestore,
+              msgtype: str = IMAGE_TYPE) -> None:
         image_topic = self.image_of[gt_topic]
         ev = self.evaluation[image_topic]
-        stamp, gt = _decode_gt(typestore, raw)
+        stamp, gt = _decode_gt(typestore, raw, msgtype)
         if stamp is None:
             ev.gt_unused += 1
             ev.note(f"{gt_topic} @ bag time {timestamp}: {gt}")
@@ -367,14 +410,26 @@ class _GroundTruthMatcher:
 
 
 def _expected_stamps(reader: Reader, typestore: Typestore, gt_of: dict[str, str]) -> dict[str, Counter[int]]:
-    """Header stamps per ground-truth topic, read ahead so only frames that will find a partner are kept."""
+    """Header stamps per ground-truth topic, read ahead so only frames that will find a partner are kept.
+
+    Raises:
+        BagError: a CompressedImage ground-truth topic whose first message is not mono8 PNG (a JPEG
+            camera topic, say): refused before anything is written rather than counted frame by frame.
+    """
     expected: dict[str, Counter[int]] = {gt: Counter() for gt in gt_of.values()}
     conns = [c for c in reader.connections if c.topic in expected]
+    format_checked: set[str] = set()
     for conn, _, raw in reader.messages(connections=conns):
         try:
-            expected[conn.topic][_stamp_ns(typestore.deserialize_cdr(raw, IMAGE_TYPE).header)] += 1
+            msg = typestore.deserialize_cdr(raw, conn.msgtype)
         except Exception:  # unreadable ones are counted (and named) in the main pass
             continue
+        if conn.msgtype == COMPRESSED_TYPE and conn.topic not in format_checked:
+            format_checked.add(conn.topic)
+            if not announces_labels(msg.format) and str(msg.format).strip().lower() != "png":
+                raise BagError(f"ground-truth topic {conn.topic} is a {COMPRESSED_TYPE} of format {msg.format!r}, "
+                               f"not mono8 PNG trainIds ({LABELS_FORMAT!r})")
+        expected[conn.topic][_stamp_ns(msg.header)] += 1
     return expected
 
 
@@ -465,15 +520,20 @@ def _decode_frame(typestore: Typestore, msgtype: str, raw: bytes | memoryview) -
     return msg.header, rgb
 
 
-def _label_message(typestore: Typestore, header: Any, labels: np.ndarray) -> memoryview:
-    fields = encode_image_fields(np.ascontiguousarray(labels, dtype=np.uint8), "mono8")
-    msg = typestore.types[IMAGE_TYPE](header=header, **fields)
-    return typestore.serialize_cdr(msg, IMAGE_TYPE)
+def _label_message(typestore: Typestore, header: Any, labels: np.ndarray, msgtype: str = IMAGE_TYPE) -> memoryview:
+    """Serialized labels (uint8 H×W): a mono8 Image, or a PNG CompressedImage for ``COMPRESSED_TYPE``."""
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    if msgtype == COMPRESSED_TYPE:
+        msg = typestore.types[COMPRESSED_TYPE](header=header, format=LABELS_FORMAT, data=encode_labels_png(labels))
+    else:
+        msg = typestore.types[IMAGE_TYPE](header=header, **encode_image_fields(labels, "mono8"))
+    return typestore.serialize_cdr(msg, msgtype)
 
 
 def process_bag(input_path: str | Path, output_path: str | Path, segmenter: Segmenter, *,
                 topics: list[str] | None = None, storage: str | None = None, overwrite: bool = False,
-                progress: bool = True, gt_topics: str | Mapping[str, str] | None = None) -> BagReport:
+                progress: bool = True, gt_topics: str | Mapping[str, str] | None = None,
+                labels: str = "raw") -> BagReport:
     """Copy a bag and add a label topic per image topic (see the module docstring).
 
     Args:
@@ -486,6 +546,8 @@ def process_bag(input_path: str | Path, output_path: str | Path, segmenter: Segm
         progress: show a progress bar over messages.
         gt_topics: ground truth to evaluate against: one mono8 trainId topic (a bag with one image
             topic to segment) or image topic → ground-truth topic; scores land in ``report.evaluation``.
+        labels: ``raw`` (mono8 Image on ``<label topic>``), ``compressed`` (PNG CompressedImage on
+            ``<label topic>/compressed``) or ``both``.
 
     Raises:
         BagError: missing input, refused output path, bad topic selection, label-topic collision,
@@ -497,8 +559,9 @@ def process_bag(input_path: str | Path, output_path: str | Path, segmenter: Segm
     out_storage = storage or in_storage
     if out_storage not in STORAGES:
         raise BagError(f"unknown storage {out_storage!r} (choose from {', '.join(STORAGES)})")
+    label_outputs("", labels)  # a bad mode fails before the bag is opened
     typestore = _typestore()
-    report = BagReport(output_path=dst, storage=out_storage)
+    report = BagReport(output_path=dst, storage=out_storage, labels=labels)
 
     try:
         reader = Reader(src)
@@ -510,7 +573,7 @@ def process_bag(input_path: str | Path, output_path: str | Path, segmenter: Segm
         for conn in reader.connections:
             if topic_types.setdefault(conn.topic, conn.msgtype) != conn.msgtype:
                 raise BagError(f"topic {conn.topic} carries several types ({topic_types[conn.topic]}, {conn.msgtype})")
-        plan, gt_of = plan_ground_truth(topic_types, topics, gt_topics)
+        plan, gt_of = plan_ground_truth(topic_types, topics, gt_topics, labels)
         definitions = {c.id: _connection_definition(c, typestore) for c in reader.connections}
         report.label_topics = dict(plan)
         report.frames_segmented = dict.fromkeys(plan, 0)
@@ -556,13 +619,17 @@ def _copy_and_segment(reader: Reader, writer: Writer, typestore: Typestore, segm
             serialization_format=ext.serialization_format if isinstance(ext, ConnectionExtRosbag2) else "cdr",
             offered_qos_profiles=_qos_of(conn))
         image_qos.setdefault(conn.topic, _qos_of(conn))
-    # Reuse the bag's own Image definition when it has one so the bag stays self-consistent.
-    image_def = next((definitions[c.id] for c in reader.connections if c.msgtype == IMAGE_TYPE), None)
-    if image_def is None:
-        image_def = (typestore.generate_msgdef(IMAGE_TYPE, ros_version=2)[0], typestore.hash_rihs01(IMAGE_TYPE))
+    # Reuse the bag's own Image / CompressedImage definition when it has one so the bag stays self-consistent.
+    type_defs: dict[str, tuple[str, str]] = {}
+    for msgtype in IMAGE_TYPES:
+        type_defs[msgtype] = next((definitions[c.id] for c in reader.connections if c.msgtype == msgtype),
+                                  None) or (typestore.generate_msgdef(msgtype, ros_version=2)[0],
+                                            typestore.hash_rihs01(msgtype))
     label_conns = {
-        image_topic: writer.add_connection(label_topic, IMAGE_TYPE, msgdef=image_def[0], rihs01=image_def[1],
-                                           offered_qos_profiles=image_qos.get(image_topic, []))
+        image_topic: [(writer.add_connection(topic, msgtype, msgdef=type_defs[msgtype][0],
+                                             rihs01=type_defs[msgtype][1],
+                                             offered_qos_profiles=image_qos.get(image_topic, [])), msgtype)
+                      for topic, msgtype in label_outputs(label_topic, report.labels)]
         for image_topic, label_topic in plan.items()
     }
 
@@ -582,12 +649,13 @@ def _copy_and_segment(reader: Reader, writer: Writer, typestore: Typestore, segm
                     if labels.shape != rgb.shape[:2]:
                         # A segmenter set to network resolution: the label topic promises input size.
                         labels = resize_labels(labels, rgb.shape[:2])
-                    writer.write(label_conns[conn.topic], timestamp, _label_message(typestore, header, labels))
+                    for label_conn, msgtype in label_conns[conn.topic]:
+                        writer.write(label_conn, timestamp, _label_message(typestore, header, labels, msgtype))
                     report.frames_segmented[conn.topic] += 1
                     if matcher is not None and conn.topic in report.evaluation:
                         matcher.frame(conn.topic, _stamp_ns(header), labels)
             elif matcher is not None and conn.topic in matcher.image_of:
-                matcher.truth(conn.topic, timestamp, raw, typestore)
+                matcher.truth(conn.topic, timestamp, raw, typestore, conn.msgtype)
             bar.update(1)
     if matcher is not None:
         matcher.finish()
@@ -629,7 +697,8 @@ def write_image_bag(path: str | Path, topic: str, frames: Iterable[tuple[int, np
 def read_image_topic(path: str | Path, topic: str) -> Iterator[tuple[int, Any, np.ndarray]]:
     """Yield ``(bag timestamp ns, header, array)`` for an image topic.
 
-    The array is H×W uint8 for mono8 images (labels) and RGB H×W×3 otherwise.
+    The array is H×W uint8 for labels (mono8 Images and mono8 PNG CompressedImages, as the node's
+    ``labels/compressed`` and the ``bag`` command's ``<label topic>/compressed``) and RGB H×W×3 otherwise.
     """
     typestore = _typestore()
     with Reader(Path(path)) as reader:
@@ -647,6 +716,8 @@ def read_image_topic(path: str | Path, topic: str) -> Iterator[tuple[int, Any, n
                 array = np.asarray(msg.data, dtype=np.uint8).reshape(h, step)[:, :w].copy()
             elif conn.msgtype == IMAGE_TYPE:
                 array = image_to_rgb(msg)
+            elif announces_labels(msg.format):
+                array = compressed_labels_to_array(msg)
             else:
                 array = compressed_to_rgb(msg)
             yield timestamp, msg.header, array
@@ -670,6 +741,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--storage", choices=STORAGES, help="output storage (default: same as the input)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output bag")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--labels", choices=LABEL_MODES, default="raw",
+                   help="label topics to write: raw (mono8 Image on <topic>/labels, default), compressed "
+                        "(lossless PNG CompressedImage on <topic>/labels/compressed, ~1/200 of the size) or both")
     # One value per flag (repeat it for pairs): a list-valued option would swallow the positional bags.
     p.add_argument("--gt-topic", dest="gt_topics", action="append", metavar="[IMAGE_TOPIC=]GT_TOPIC",
                    help="evaluate against mono8 trainId labels on GT_TOPIC, paired with frames by header stamp; "
@@ -719,7 +793,8 @@ def run_bag(args: argparse.Namespace) -> int:
         bag_storage(args.input)
         segmenter = Segmenter(args.model, backend=args.backend, device=args.device, output_resolution="input")
         report = process_bag(args.input, args.output, segmenter, topics=args.topics, storage=args.storage,
-                             overwrite=args.overwrite, progress=args.progress, gt_topics=gt_topics)
+                             overwrite=args.overwrite, progress=args.progress, gt_topics=gt_topics,
+                             labels=getattr(args, "labels", "raw"))
         evaluation = report.evaluation_dict()
         if eval_out is not None and evaluation is not None:
             write_eval_report({"input": str(args.input), "model": str(args.model), **evaluation}, eval_out)

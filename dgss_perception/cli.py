@@ -1,4 +1,4 @@
-"""``dgss-perception``: segment images, process and play bags, run the demo, inspect a model package."""
+"""``dgss-perception``: segment images, process, play and calibrate on bags, run the demo, inspect a model package."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bag, bench, demo, play
+    from . import bag, bench, calibrate, demo, play
 
     parser = argparse.ArgumentParser(prog="dgss-perception", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
 
     bag.add_parser(sub)
+    calibrate.add_parser(sub)
     play.add_parser(sub)
     demo.add_parser(sub)
     bench.add_parser(sub)

@@ -10,8 +10,13 @@ testing. It then runs the product exactly as on a car:
 3. export it (``python -m training.export``) to ``<out>/model``;
 4. write a day → night → snow drive as a rosbag (``<out>/drive``);
 5. start ``segment_node`` and play the bag to it over ROS 2 (``dgss-perception play``),
-   recording the labels and overlays it publishes;
-6. write overlays (PNG) and a mIoU report per condition to ``<out>``.
+   recording the labels, their lossless PNG form (``labels/compressed``) and overlays it publishes;
+6. write overlays (PNG) and a mIoU report per condition to ``<out>``, with the compressed labels'
+   size and whether each decodes to exactly the raw labels.
+
+The domain-shift monitor is calibrated before step 5 on a reference drive of held-out day scenes
+(``<out>/reference_day``, ``dgss-perception calibrate``); the node runs with that calibration and
+the report shows its figures and level per condition.
 
 Steps 1–3 need the source checkout (``training/``); steps 4–6 only the runtime.
 """
@@ -32,11 +37,19 @@ import cv2
 import numpy as np
 import yaml
 
+from .codec import FrameError
+from .label_codec import decode_labels_png
 from .labels import CITYSCAPES_CLASSES, colorize, palette_lut
 from .metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 CONDITIONS = ("day", "night", "snow")
 TOPIC = "/camera/image_raw"
+MONITOR_TOPIC = "/camera/labels/domain_shift"
+# The drive runs at a few frames per second, so the monitor smooths over 3 frames and changes level after 2
+# (up) or 3 (down); a 30 Hz camera would keep calibrate's defaults (10 frames, 3 up, 10 down).
+MONITOR_WINDOW, MONITOR_ENTER, MONITOR_LEAVE = 3, 2, 3
+# Seeds of the reference drive's day scenes: neither training scenes (0, 1, …) nor the drive's (1 000 000, …).
+REFERENCE_SEED = 2_000_000
 CHECKOUT = Path(__file__).resolve().parents[1]
 
 
@@ -49,6 +62,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--train-scenes", type=int, default=400)
     p.add_argument("--test-scenes", type=int, default=12, help="scenes per condition in the drive")
     p.add_argument("--rate", type=float, default=4.0, help="frames per second of the drive")
+    p.add_argument("--reference-scenes", type=int, default=24,
+                   help="held-out day scenes the domain-shift monitor is calibrated on")
     p.add_argument("--retrain", action="store_true", help="train again even if a trained model exists")
     p.set_defaults(func=run_demo)
 
@@ -108,13 +123,20 @@ def _prepare_model(args: argparse.Namespace, out: Path, work: Path) -> Path:
     return model
 
 
-def _replay(model: Path, bag: Path, work: Path, expected: int, timeout: float) -> tuple[dict, dict, dict]:
-    """Run segment_node against ``play`` of the bag; return labels and overlays by stamp, and diagnostics."""
+def _replay(model: Path, bag: Path, work: Path, expected: int, timeout: float, calibration: Path | None = None,
+            shift: dict[int, tuple[int, dict[str, str]]] | None = None) -> tuple[dict, dict, dict, dict]:
+    """Run segment_node against ``play`` of the bag.
+
+    ``calibration``: the node's monitor_calibration; ``shift`` receives, by stamp, the monitor's level and
+    figures it publishes per frame.
+
+    Returns labels, overlays and compressed labels ((format, PNG bytes)) by stamp, and diagnostics.
+    """
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image
+    from sensor_msgs.msg import CompressedImage, Image
 
     from .play import play_bag
 
@@ -123,10 +145,13 @@ def _replay(model: Path, bag: Path, work: Path, expected: int, timeout: float) -
         [sys.executable, "-m", "dgss_perception.node", "--ros-args", "-p", f"model:={model}",
          "-p", "qos_reliability:=reliable", "-p", "qos_depth:=10", "-p", "use_sim_time:=true",
          "-r", f"image:={TOPIC}", "-r", "labels:=/camera/labels", "-r", "labels/overlay:=/camera/labels/overlay",
-         "-r", "labels/color:=/camera/labels/color", "-r", "labels/confidence:=/camera/labels/confidence"],
+         "-r", "labels/color:=/camera/labels/color", "-r", "labels/confidence:=/camera/labels/confidence",
+         "-r", "labels/compressed:=/camera/labels/compressed", "-r", f"labels/domain_shift:={MONITOR_TOPIC}",
+         *(["-p", f"monitor_calibration:={calibration}"] if calibration else [])],
         stdout=log, stderr=subprocess.STDOUT)
     labels: dict[int, np.ndarray] = {}
     overlays: dict[int, np.ndarray] = {}
+    compressed: dict[int, tuple[str, bytes]] = {}
     diag: dict[str, str] = {}
     lock = threading.Lock()
 
@@ -141,6 +166,10 @@ def _replay(model: Path, bag: Path, work: Path, expected: int, timeout: float) -
         with lock:
             overlays[stamp_ns(msg)] = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width, 3)
 
+    def on_compressed(msg: CompressedImage) -> None:
+        with lock:
+            compressed[stamp_ns(msg)] = (msg.format, bytes(msg.data))
+
     def on_diag(msg: DiagnosticArray) -> None:
         for status in msg.status:
             if status.name.endswith("segmentation"):
@@ -151,7 +180,10 @@ def _replay(model: Path, bag: Path, work: Path, expected: int, timeout: float) -
     qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
     sub = recorder.create_subscription(Image, "/camera/labels", on_labels, qos)
     recorder.create_subscription(Image, "/camera/labels/overlay", on_overlay, qos)
+    recorder.create_subscription(CompressedImage, "/camera/labels/compressed", on_compressed, qos)
     recorder.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
+    if shift is not None:
+        recorder.create_subscription(DiagnosticArray, MONITOR_TOPIC, lambda m: _record_shift(m, shift, lock), qos)
     executor = SingleThreadedExecutor()
     executor.add_node(recorder)
     spinner = threading.Thread(target=executor.spin, daemon=True)
@@ -167,7 +199,7 @@ def _replay(model: Path, bag: Path, work: Path, expected: int, timeout: float) -
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with lock:
-                if len(labels) >= expected and len(overlays) >= expected:
+                if len(labels) >= expected and len(overlays) >= expected and len(compressed) >= expected:
                     break
             time.sleep(0.1)
         time.sleep(1.5)  # one more diagnostics period
@@ -181,7 +213,104 @@ def _replay(model: Path, bag: Path, work: Path, expected: int, timeout: float) -
         except subprocess.TimeoutExpired:
             node_proc.kill()
         log.close()
-    return labels, overlays, diag
+    return labels, overlays, compressed, diag
+
+
+def _compressed_line(c: dict[str, Any]) -> str:
+    """One sentence on labels/compressed for the report."""
+    if not c["frames"]:
+        return "No compressed labels (labels/compressed) were received."
+    return (f"Compressed labels ({c['topic']}, lossless PNG): {c['png_bytes_mean'] / 1024:.1f} KB per frame on "
+            f"average (max {c['png_bytes_max'] / 1024:.1f} KB) against {c['raw_bytes'] / 1024:.0f} KB raw; "
+            f"decoded identical to the raw labels: {c['decode_identical_to_labels']}; the PNGs are in labels/.")
+
+
+def _record_shift(msg: Any, shift: dict[int, tuple[int, dict[str, str]]], lock: threading.Lock) -> None:
+    """Keep a labels/domain_shift message: its frame's stamp → (level 0–2, named values)."""
+    status = msg.status[0]
+    with lock:
+        shift[msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec] = (
+            ord(status.level), {kv.key: kv.value for kv in status.values})
+
+
+def _calibrate_monitor(args: argparse.Namespace, out: Path, work: Path, model: Path) -> tuple[Path, Any]:
+    """Held-out day scenes → ``<out>/reference_day`` (a rosbag) → ``<out>/monitor_day.json`` (calibrate)."""
+    from .bag import write_image_bag
+    from .calibrate import calibrate_bag
+
+    count = args.reference_scenes
+    data = work / "reference_data"
+    if not (data / "done").is_file() or (data / "done").read_text() != f"{count}\n":
+        # Rendered as a "train" split of its own, seeded apart from the training and the drive's scenes.
+        _run([sys.executable, "-m", "training.data.synthetic", "--out", str(data), "--train", str(count),
+              "--val", "0", "--seed", str(REFERENCE_SEED)])
+        (data / "done").write_text(f"{count}\n")
+    images = sorted((data / "cityscapes" / "leftImg8bit" / "train").glob("*/*_leftImg8bit.png"))[:count]
+    bag = out / "reference_day"
+    if bag.exists():
+        import shutil
+
+        shutil.rmtree(bag)
+    period = int(1e9 / args.rate)
+    write_image_bag(bag, TOPIC, ((1_600_000_000 * 1_000_000_000 + i * period, _read_rgb(p))
+                                 for i, p in enumerate(images)), frame_id="camera_optical_frame", storage="mcap")
+    calibration, _ = calibrate_bag(model, bag, window=MONITOR_WINDOW, enter_frames=MONITOR_ENTER,
+                                   leave_frames=MONITOR_LEAVE)
+    path = out / "monitor_day.json"
+    calibration.save(path)
+    share = calibration.thresholds["low_confidence_share"]
+    print(f"calibrated the domain-shift monitor on {len(images)} held-out day scenes ({bag}): pixels below "
+          f"confidence {calibration.confidence_threshold:.3f} count as low; warn at {100 * share.warn:.1f}% of "
+          f"them, error at {100 * share.error:.1f}% → {path}", flush=True)
+    return path, calibration
+
+
+def _monitor_summary(shift: dict[int, tuple[int, dict[str, str]]], stamps: list[int],
+                     frames: list[tuple[str, Path, Path]], calibration: Any) -> dict[str, Any]:
+    """Per condition: the monitor's mean figures, its levels over the frames, and the level at the last one."""
+    names = ("OK", "WARN", "ERROR")
+    summary: dict[str, Any] = {
+        "topic": MONITOR_TOPIC,
+        "calibration": {"reference_frames": calibration.reference["frames"],
+                        "confidence_threshold": calibration.confidence_threshold, "window": calibration.window,
+                        **{f"{fig}_{k}": round(getattr(t, k), 4) for fig, t in calibration.thresholds.items()
+                           for k in ("warn", "error")}},
+        "conditions": {},
+    }
+    for cond in CONDITIONS:
+        seen = [shift[s] for s, (c, _, _) in zip(stamps, frames) if c == cond and s in shift]
+        if not seen:
+            summary["conditions"][cond] = {"frames": 0}
+            continue
+        figures = {k: [float(v[k]) for _, v in seen] for k in ("low_confidence_share", "mean_confidence")}
+        summary["conditions"][cond] = {
+            "frames": len(seen),
+            "low_confidence_share_mean": round(float(np.mean(figures["low_confidence_share"])), 4),
+            "mean_confidence_mean": round(float(np.mean(figures["mean_confidence"])), 4),
+            "levels": {n: sum(1 for level, _ in seen if level == i) for i, n in enumerate(names)},
+            "level_sequence": "".join(names[level][0] for level, _ in seen),
+            "level_at_last_frame": names[seen[-1][0]],
+        }
+    return summary
+
+
+def _monitor_table(summary: dict[str, Any]) -> str:
+    cal = summary["calibration"]
+    lines = [f"Domain-shift monitor ({summary['topic']}), calibrated on {cal['reference_frames']} held-out day "
+             f"scenes: a pixel below confidence {cal['confidence_threshold']:.3f} is low; the {cal['window']}-frame "
+             f"mean of their share warns at {100 * cal['low_confidence_share_warn']:.1f}% and errs at "
+             f"{100 * cal['low_confidence_share_error']:.1f}% (mean confidence: "
+             f"{cal['mean_confidence_warn']:.3f} / {cal['mean_confidence_error']:.3f}).", "",
+             "| condition | low-confidence share | mean confidence | frames OK / WARN / ERROR | per frame | level at "
+             "the end |", "| --- | --- | --- | --- | --- | --- |"]
+    for cond, c in summary["conditions"].items():
+        if not c["frames"]:
+            lines.append(f"| {cond} | – | – | no frames | | |")
+            continue
+        counts = " / ".join(str(c["levels"][n]) for n in ("OK", "WARN", "ERROR"))
+        lines.append(f"| {cond} | {100 * c['low_confidence_share_mean']:.1f}% | {c['mean_confidence_mean']:.3f} | "
+                     f"{counts} | `{c['level_sequence']}` | {c['level_at_last_frame']} |")
+    return "\n".join(lines)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -207,7 +336,10 @@ def run_demo(args: argparse.Namespace) -> int:
                     frame_id="camera_optical_frame", storage="mcap")
     print(f"wrote the drive: {bag} ({len(frames)} frames at {args.rate} Hz on {TOPIC})", flush=True)
 
-    labels, overlays, diag = _replay(model, bag, work, len(frames), timeout=60 + 2 * len(frames))
+    calibration_path, calibration = _calibrate_monitor(args, out, work, model)
+    shift: dict[int, tuple[int, dict[str, str]]] = {}
+    labels, overlays, compressed, diag = _replay(model, bag, work, len(frames), timeout=60 + 2 * len(frames),
+                                                 calibration=calibration_path, shift=shift)
 
     engine = Segmenter(model)
     lut = palette_lut(engine.card.palette)
@@ -217,6 +349,9 @@ def run_demo(args: argparse.Namespace) -> int:
     received = dict.fromkeys(CONDITIONS, 0)
     sent = dict.fromkeys(CONDITIONS, 0)
     identical = 0
+    png_sizes: list[int] = []
+    png_exact = 0
+    png_formats: set[str] = set()
     for d in ("overlays", "labels"):
         (out / d).mkdir(exist_ok=True)
     for i, (stamp, (cond, img_path, gt_path)) in enumerate(zip(stamps, frames)):
@@ -232,7 +367,18 @@ def run_demo(args: argparse.Namespace) -> int:
         identical += int(np.array_equal(pred, offline))
         confs[cond] += confusion_matrix(pred, gt, n)
         name = f"{i:03d}_{cond}"
-        cv2.imwrite(str(out / "labels" / f"{name}.png"), pred)
+        if stamp in compressed:
+            # labels/compressed is a PNG file as it stands: stored unchanged, after checking it is lossless.
+            fmt, png = compressed[stamp]
+            png_formats.add(fmt)
+            png_sizes.append(len(png))
+            try:
+                png_exact += int(np.array_equal(decode_labels_png(png, fmt), pred))
+            except FrameError as exc:
+                print(f"warning: labels/compressed of frame {i} does not decode: {exc}", file=sys.stderr)
+            (out / "labels" / f"{name}.png").write_bytes(png)
+        else:
+            cv2.imwrite(str(out / "labels" / f"{name}.png"), pred)
         if sent[cond] <= 3:
             panel = np.concatenate([rgb, overlays.get(stamp, colorize(pred, lut)), colorize(gt, lut)], axis=1)
             cv2.imwrite(str(out / "overlays" / f"{name}.png"), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
@@ -245,7 +391,17 @@ def run_demo(args: argparse.Namespace) -> int:
         "frames_sent": sent,
         "frames_received": received,
         "node_labels_identical_to_engine": f"{identical}/{sum(received.values())}",
+        "compressed_labels": {
+            "topic": "/camera/labels/compressed",
+            "format": sorted(png_formats),
+            "frames": len(png_sizes),
+            "decode_identical_to_labels": f"{png_exact}/{len(png_sizes)}",
+            "png_bytes_mean": round(float(np.mean(png_sizes)), 1) if png_sizes else None,
+            "png_bytes_max": max(png_sizes) if png_sizes else None,
+            "raw_bytes": int(next(iter(labels.values())).size) if labels else None,
+        },
         "node_diagnostics": diag,
+        "domain_shift": _monitor_summary(shift, stamps, frames, calibration),
         "conditions": {},
         "elapsed_s": round(time.time() - t_start, 1),
     }
@@ -267,8 +423,12 @@ def run_demo(args: argparse.Namespace) -> int:
     (out / "report.md").write_text(
         "# dgss_perception demo\n\n" + report["what"] + ".\n\n" + table + "\n\n"
         f"Labels identical to the offline engine: {report['node_labels_identical_to_engine']}.\n"
+        f"{_compressed_line(report['compressed_labels'])}\n\n"
+        f"{_monitor_table(report['domain_shift'])}\n\n"
         "Overlays (input | node overlay | ground truth) are in overlays/.\n")
     print(table)
+    print(_compressed_line(report["compressed_labels"]))
+    print("\n" + _monitor_table(report["domain_shift"]))
     print(f"\nreport: {out / 'report.md'}  overlays: {out / 'overlays'}  model: {model}")
     missing = sum(sent.values()) - sum(received.values())
     if missing:

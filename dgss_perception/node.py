@@ -11,9 +11,15 @@ Topics per camera (relative, remappable; ``<cam>/`` is empty for a single camera
          <cam>/labels/color           rgb8 palette colours   (only while subscribed)
          <cam>/labels/overlay         rgb8 blend over input  (only while subscribed)
          <cam>/labels/confidence      mono8 max softmax ×255 (only while subscribed)
+         <cam>/labels/compressed      the labels as lossless PNG, CompressedImage (only while subscribed)
          <cam>/labels/camera_info     camera_info matching the label image
+         <cam>/labels/points          PointCloud2 x, y, z, confidence, label (parameter painting; only while
+                                      subscribed): the LiDAR points (in pointcloud_topic) inside the image
          label_info                   vision_msgs/LabelInfo, transient local (where vision_msgs exists)
-         /diagnostics                 rate, latency, drops, errors
+         <cam>/labels/domain_shift    diagnostic_msgs/DiagnosticArray, header copied from the input: the
+                                      domain-shift monitor's figures and level per frame (only while subscribed)
+         /diagnostics                 rate, latency, drops, errors; per camera a silent input (no frame for
+                                      silent_camera_warn_s / _error_s while subscribed) and the domain-shift level
 
 Subscription callbacks store the newest message per camera; a worker thread segments,
 encodes and publishes. A frame that arrives while the worker is idle is also decoded and
@@ -46,13 +52,17 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from .backends import BackendError, parse_device
 from .card import CardError, ModelCard
+from .cloud_painter import TF_AVAILABLE, CloudPainter, TransformSource
 from .codec import FrameError, compressed_to_rgb, encode_image_fields, image_to_rgb
 from .engine import BACKENDS, OUTPUT_RESOLUTIONS, PRECISIONS, Segmenter
+from .label_codec import LABELS_FORMAT, encode_labels_png
 from .labels import colorize, confidence_to_mono8, overlay, palette_lut
+from .monitor import Calibration, MonitorReport, ShiftMonitor, frame_figures
+from .painting import transform_matrix
 from .torch_export import COMPILE_MODES
 
 try:  # vision_msgs is part of a ROS 2 install, not of the pip wheels.
@@ -64,7 +74,12 @@ T = TypeVar("T")
 TRANSPORTS = ("raw", "compressed")
 RELIABILITY = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}
 INFERENCE_MODES = ("", "whole", "slide", "coarse", "coarse_to_fine")
-OUTPUTS = ("labels", "labels/color", "labels/overlay", "labels/confidence", "labels/camera_info")
+MONITOR_OUTPUT = "labels/domain_shift"  # the domain-shift monitor's figures per frame
+OUTPUTS = ("labels", "labels/color", "labels/overlay", "labels/confidence", "labels/compressed", "labels/camera_info",
+           MONITOR_OUTPUT)
+OUTPUT_TYPES = {"labels/camera_info": CameraInfo, "labels/compressed": CompressedImage,
+                MONITOR_OUTPUT: DiagnosticArray}  # others: Image
+LEVELS = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR)  # monitor levels 0, 1, 2 as bytes
 
 # name → (default, description); declared up front, validated in read_parameters.
 PARAMETERS: dict[str, tuple[Any, str]] = {
@@ -73,11 +88,21 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "device": ("auto", "auto | cpu | cuda | cuda:N (the N-th GPU); the log and /diagnostics say which was taken"),
     "precision": ("auto", "torchscript/pt2 arithmetic: auto (GPU: the card's checked torch_gpu_precision; CPU: fp32) | "
                           "fp32 | bf16 | fp16; ONNX Runtime takes auto or the card's precision"),
-    "torch_compile": ("auto", "pt2 backend: auto (GPU: inductor; CPU: none) | none | inductor (torch.compile at start) | "
-                              "aoti (AOTInductor, compiled at the first start on this machine and cached)"),
+    "torch_compile": ("auto", "pt2 backend: auto (GPU: inductor; CPU: none) | none | inductor (torch.compile at "
+                              "start) | aoti (AOTInductor, compiled at the first start on this machine and cached)"),
     "cameras": ([""], "camera namespaces served by this node; [''] = the node's own namespace"),
     "image_transport": ("raw", "raw (subscribe 'image') | compressed (subscribe 'image/compressed')"),
     "camera_info": (False, "subscribe '<cam>/camera_info' and republish it as '<cam>/labels/camera_info'"),
+    "painting": (False, "publish '<cam>/labels/points': the points of pointcloud_topic inside the camera's image "
+                        "with the label and confidence under them (needs '<cam>/camera_info')"),
+    "pointcloud_topic": ("points", "painting: the LiDAR sensor_msgs/PointCloud2 topic (shared by all cameras)"),
+    "painting_stamp_tolerance": (0.05, "painting: seconds a cloud's stamp may differ from its label image's; "
+                                       "clouds without such a label image are counted, never painted"),
+    "lidar_to_camera": ([0.0] * 7, "painting: LiDAR frame → camera optical frame as [x, y, z, qx, qy, qz, qw] or a "
+                                   "row-major 4x4 (16 numbers); all zeros = from TF (tf2_ros) at the cloud's stamp"),
+    "painting_rectified": (False, "painting: the images are rectified (project with camera_info's P, no "
+                                  "distortion) instead of raw (K and the distortion D)"),
+    "painting_min_depth": (0.1, "painting: points closer than this in front of the camera (metres) are dropped"),
     "lazy": (True, "no decoding or inference while nothing subscribes to a camera's outputs"),
     "qos_reliability": ("best_effort", "input QoS reliability: best_effort | reliable"),
     "qos_depth": (5, "input QoS history depth"),
@@ -98,6 +123,14 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
                           "why)"),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
     "stats_window": (300, "frames over which /diagnostics takes its latency, inference and overhead statistics"),
+    "monitor_calibration": ("", "domain-shift monitor thresholds written by 'dgss-perception calibrate' (JSON); empty "
+                                "= the figures are published but not judged (level OK, 'uncalibrated')"),
+    "monitor_window": (0, "frames the domain-shift figures are averaged over; 0 = the calibration's window (10 "
+                          "without one)"),
+    "silent_camera_warn_s": (2.0, "seconds without a frame on a subscribed camera input before /diagnostics warns "
+                                  "(0 = never)"),
+    "silent_camera_error_s": (10.0, "seconds without a frame on a subscribed camera input before /diagnostics "
+                                    "reports an error (0 = never)"),
 }
 
 
@@ -135,11 +168,23 @@ def read_parameters(node: Node) -> dict[str, Any]:
         (isinstance(p["threads"], int) and p["threads"] >= 0, "threads must be ≥ 0"),
         (isinstance(p["window_batch"], int) and p["window_batch"] >= 0, "window_batch must be ≥ 0"),
         (isinstance(p["stats_window"], int) and p["stats_window"] >= 1, "stats_window must be ≥ 1"),
+        (isinstance(p["monitor_window"], int) and p["monitor_window"] >= 0, "monitor_window must be ≥ 0"),
+        (float(p["silent_camera_warn_s"]) >= 0 and float(p["silent_camera_error_s"]) >= 0,
+         "silent_camera_warn_s and silent_camera_error_s must be ≥ 0"),
+        (not (float(p["silent_camera_warn_s"]) > 0 and 0 < float(p["silent_camera_error_s"])
+              < float(p["silent_camera_warn_s"])), "silent_camera_error_s must not be below silent_camera_warn_s"),
+        (float(p["painting_stamp_tolerance"]) >= 0, "painting_stamp_tolerance must be ≥ 0"),
+        (float(p["painting_min_depth"]) > 0, "painting_min_depth must be positive"),
+        (bool(p["pointcloud_topic"]), "pointcloud_topic must name a topic"),
+        (not p["painting"] or TF_AVAILABLE or any(p["lidar_to_camera"]),
+         "painting needs the LiDAR → camera transform: set lidar_to_camera (tf2_ros, which would take it from TF, "
+         "is not importable)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
     p["cameras"] = [c.strip("/") for c in cams]
+    p["lidar_to_camera_matrix"] = transform_matrix(p["lidar_to_camera"])  # ValueError names the parameter
     p["overlay_alpha"] = float(p["overlay_alpha"])
     return p
 
@@ -168,6 +213,10 @@ class Camera:
     subscription: Any = None
     info_subscription: Any = None
     camera_info: CameraInfo | None = None
+    painter: CloudPainter | None = None  # parameter painting
+    monitor: ShiftMonitor | None = None  # domain shift, updated by the worker under the node's lock
+    subscribed_at: float | None = None  # monotonic time the input was subscribed; None while it is not
+    last_frame: float | None = None  # monotonic time of the last frame received (well-formed or not)
     pending: tuple[Any, float, Prepared | None] | None = None
     sent: dict[str, Image] = field(default_factory=dict)  # per image output, its last message (buffer reused)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
@@ -240,6 +289,15 @@ class SegmentationMixin:
                                f"{one_line(exc)}") from exc
         for graph, why in self.segmenter.cuda_graph_notes.items():
             self.get_logger().warning(f"cuda_graph, {graph} graph: {why}")
+        self.calibration = None
+        if p["monitor_calibration"]:
+            # A calibration of another model says nothing about this one's confidence: refused like a bad package.
+            self.calibration = Calibration.load(p["monitor_calibration"])
+            self.calibration.check_model(card.name, card.checksums)
+            if self.calibration.inference_mode and self.calibration.inference_mode != self.segmenter.mode:
+                self.get_logger().warning(
+                    f"monitor_calibration was measured in inference mode {self.calibration.inference_mode}, the node "
+                    f"runs {self.segmenter.mode}: its confidence differs, calibrate again in this mode")
         table = Parameter("class_table", value=class_table(card))
         self._internal_set = True
         try:
@@ -256,9 +314,11 @@ class SegmentationMixin:
         self.cameras: list[Camera] = []
         for name in p["cameras"]:
             prefix = f"{name}/" if name else ""
-            pubs = {o: self.create_publisher(CameraInfo if o.endswith("camera_info") else Image, prefix + o, out_qos)
-                    for o in OUTPUTS}
+            pubs = {o: self.create_publisher(OUTPUT_TYPES.get(o, Image), prefix + o, out_qos) for o in OUTPUTS}
             self.cameras.append(Camera(prefix, pubs))
+        for cam in self.cameras:
+            cam.monitor = ShiftMonitor(self.calibration, p["monitor_window"])
+        self._setup_painting(out_qos)
         self.label_info_pub = None
         if LabelInfo is not None:
             latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
@@ -293,6 +353,8 @@ class SegmentationMixin:
         for cam in self.cameras:
             for pub in cam.publishers.values():
                 self.destroy_publisher(pub)
+        if self.transforms is not None:
+            self.transforms.close()
         for pub in (self.label_info_pub, self.diag_pub):
             if pub is not None:
                 self.destroy_publisher(pub)
@@ -330,16 +392,34 @@ class SegmentationMixin:
                 self._subscribe(cam)
             elif not want and cam.subscription is not None:
                 self._unsubscribe(cam)
+            if cam.painter is not None:  # the cloud only while its painted cloud is wanted (always, unless lazy)
+                cam.painter.update(self._active and (not self.params["lazy"] or cam.painter.wanted()))
+
+    def _input_qos(self) -> QoSProfile:
+        p = self.params
+        return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=p["qos_depth"],
+                          reliability=RELIABILITY[p["qos_reliability"]])
+
+    def _setup_painting(self, out_qos: QoSProfile) -> None:
+        """Parameter painting: per camera, the labels/points publisher and its cloud painter."""
+        p = self.params
+        self.transforms = TransformSource(self, p["lidar_to_camera_matrix"]) if p["painting"] else None
+        for cam in self.cameras if p["painting"] else []:
+            pub = cam.publishers["labels/points"] = self.create_publisher(PointCloud2, cam.prefix + "labels/points",
+                                                                          out_qos)
+            cam.painter = CloudPainter(self, cam.prefix, pub, lambda c=cam: c.camera_info, self.transforms, p,
+                                       self._input_qos())
 
     def _subscribe(self, cam: Camera) -> None:
         p = self.params
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=p["qos_depth"],
-                         reliability=RELIABILITY[p["qos_reliability"]])
+        qos = self._input_qos()
         msg_type = CompressedImage if p["image_transport"] == "compressed" else Image
         suffix = "image/compressed" if msg_type is CompressedImage else "image"
         cam.subscription = self.create_subscription(msg_type, cam.prefix + suffix,
                                                     lambda m, c=cam: self._on_frame(c, m), qos)
-        if p["camera_info"]:
+        with self._cv:
+            cam.subscribed_at = time.monotonic()  # silence is counted from here (or from the last frame)
+        if p["camera_info"] or p["painting"]:
             cam.info_subscription = self.create_subscription(
                 CameraInfo, cam.prefix + "camera_info", lambda m, c=cam: setattr(c, "camera_info", m), qos)
 
@@ -349,6 +429,10 @@ class SegmentationMixin:
             if sub is not None:
                 self.destroy_subscription(sub)
                 setattr(cam, attr, None)
+        with self._cv:
+            cam.subscribed_at = None  # nothing is expected from an input not subscribed
+        if cam.painter is not None:
+            cam.painter.update(False)
 
     def _publish_label_info(self) -> None:
         if self.label_info_pub is None:
@@ -364,6 +448,7 @@ class SegmentationMixin:
         received = time.monotonic()
         with self._cv:
             cam.counters["received"] += 1
+            cam.last_frame = received
             idle = not self._busy and not any(c.pending for c in self.cameras)
         prepared = None
         if idle:
@@ -449,6 +534,7 @@ class SegmentationMixin:
         for (cam, msg, received, rgb, wanted), result in zip(frames, results):
             try:
                 self._publish(cam, msg.header, rgb, result, wanted)
+                self._update_monitor(cam, msg.header, result, wanted)
             except Exception as exc:
                 self._problem(cam, "errors", f"publishing failed: {type(exc).__name__}: {exc}")
                 continue
@@ -477,9 +563,62 @@ class SegmentationMixin:
                                     "rgb8")
         if wanted["labels/confidence"]:
             self._publish_image(cam, "labels/confidence", header, confidence_to_mono8(result.confidence), "mono8")
+        if wanted["labels/compressed"]:
+            cam.publishers["labels/compressed"].publish(compressed_labels_message(header, labels))
         info = cam.camera_info
         if info is not None and wanted["labels/camera_info"]:
             cam.publishers["labels/camera_info"].publish(scaled_camera_info(info, header, *labels.shape))
+        if cam.painter is not None and wanted["labels/points"]:
+            cam.painter.on_labels(header, labels, result.confidence)  # paints the clouds this frame decides
+
+    def _update_monitor(self, cam: Camera, header: Any, result: Any, wanted: dict[str, bool]) -> None:
+        """The domain-shift figures of a segmented frame (its network-grid confidence); published while wanted."""
+        figures = frame_figures(result.network_confidence, cam.monitor.confidence_threshold)
+        with self._cv:
+            before = cam.monitor.level
+            report = cam.monitor.update_figures(figures)
+        if report.level != before:
+            # rclpy fixes a call site's severity at its first call: one site per severity.
+            line = f"{self._input_topic(cam)}: domain-shift level {report.level_name} ({cam.monitor.describe()})"
+            if report.level > before:
+                self.get_logger().warning(line)
+            else:
+                self.get_logger().info(line)
+        if wanted[MONITOR_OUTPUT]:
+            msg = DiagnosticArray(header=header, status=[self._monitor_status(cam, report)])
+            cam.publishers[MONITOR_OUTPUT].publish(msg)
+
+    def _monitor_status(self, cam: Camera, report: MonitorReport | None) -> DiagnosticStatus:
+        """The camera's domain-shift level, why, and its figures (``report``: the last frame's, None before one)."""
+        monitor = cam.monitor
+        values = report.values() if report is not None else {"level": "OK", "frames": "0"}
+        values.update(confidence_threshold=f"{monitor.confidence_threshold:.4f}", window=str(monitor.window))
+        for name, t in (monitor.calibration.thresholds.items() if monitor.calibration else ()):
+            values.update({f"{name}_warn": f"{t.warn:.4f}", f"{name}_error": f"{t.error:.4f}"})
+        topic = self._input_topic(cam)
+        return DiagnosticStatus(level=LEVELS[report.level if report else 0], name=f"{self.get_fully_qualified_name()}: "
+                                f"domain shift {topic}", message=monitor.describe(), hardware_id=topic,
+                                values=[KeyValue(key=k, value=v) for k, v in values.items()])
+
+    def _silence_status(self, cam: Camera, now: float, subscribed_at: float | None,
+                        last_frame: float | None) -> DiagnosticStatus:
+        """OK while frames arrive; WARN, then ERROR, when a subscribed input has had none for that long."""
+        p = self.params
+        topic = self._input_topic(cam)
+        level, values = 0, {"subscribed": str(subscribed_at is not None).lower()}
+        if subscribed_at is None:
+            message = "not subscribed (" + ("inactive" if not self._active else "no output has a subscriber") + ")"
+        else:
+            quiet = now - max(subscribed_at, last_frame or subscribed_at)
+            values["seconds_without_frame"] = f"{quiet:.1f}"
+            warn_s, error_s = float(p["silent_camera_warn_s"]), float(p["silent_camera_error_s"])
+            level = 2 if 0 < error_s <= quiet else 1 if 0 < warn_s <= quiet else 0
+            message = (f"silent: no frame on {topic} for {quiet:.1f} s" if level
+                       else f"receiving (last frame {quiet:.1f} s ago)" if last_frame and last_frame >= subscribed_at
+                       else f"subscribed {quiet:.1f} s ago, waiting for the first frame")
+        return DiagnosticStatus(level=LEVELS[level], name=f"{self.get_fully_qualified_name()}: input {topic}",
+                                message=message, hardware_id=topic,
+                                values=[KeyValue(key=k, value=v) for k, v in values.items()])
 
     def _publish_image(self, cam: Camera, output: str, header: Any, pixels: np.ndarray, encoding: str) -> None:
         """Publish pixels on one of the camera's image outputs, in the message buffer that output used last."""
@@ -531,8 +670,16 @@ class SegmentationMixin:
         )
         if self.segmenter.windows_total:
             values["windows_refined_share"] = f"{self.segmenter.windows_refined / self.segmenter.windows_total:.3f}"
+        for cam in self.cameras:
+            if cam.painter is not None:
+                values.update(cam.painter.diagnostic_values())
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
-        msg = DiagnosticArray(status=[status])
+        with self._cv:
+            per_input = [(c, c.subscribed_at, c.last_frame, c.monitor.last) for c in self.cameras]
+        # The segmentation status first (readers take status[0]), then per camera its input and its domain shift.
+        extra = [s for c, since, last, report in per_input
+                 for s in (self._silence_status(c, now, since, last), self._monitor_status(c, report))]
+        msg = DiagnosticArray(status=[status, *extra])
         msg.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(msg)
 
@@ -618,6 +765,17 @@ def image_message(header: Any, pixels: np.ndarray, encoding: str, reuse: Image |
     buffer = array.array("B")
     buffer.frombytes(data.data)  # one copy; a list or bytes would be checked per element
     return Image(header=header, data=buffer, **fields)
+
+
+def compressed_labels_message(header: Any, labels: np.ndarray) -> CompressedImage:
+    """A sensor_msgs/CompressedImage of trainIds uint8 H×W as lossless PNG, ``header`` copied.
+
+    1080p labels take ~7–13 KB instead of 2 MB (BENCHMARKS.md): within Fast DDS's default shared-memory
+    segment, which best-effort subscribers need, and cheap to send between machines.
+    """
+    data = array.array("B")
+    data.frombytes(encode_labels_png(labels).data)
+    return CompressedImage(header=header, format=LABELS_FORMAT, data=data)
 
 
 def scaled_camera_info(info: CameraInfo, header: Any, height: int, width: int) -> CameraInfo:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 IMAGE_SUFFIXES = ("image", "image_raw", "image_rect", "image_color", "image_rect_color", "image_mono")
-OUTPUTS = ("labels", "labels/color", "labels/overlay", "labels/confidence")
+OUTPUTS = ("labels", "labels/color", "labels/overlay", "labels/confidence", "labels/compressed", "labels/points",
+           "labels/domain_shift")
 
 
 def camera_remaps(camera: str) -> list[tuple[str, str]]:

@@ -4,6 +4,8 @@
     ros2 launch dgss_perception segment.launch.py model:=... camera:=/camera/image_raw use_sim_time:=true
     ros2 launch dgss_perception segment.launch.py model:=... cameras:=/front,/rear
     ros2 launch dgss_perception segment.launch.py model:=... camera:=/front managed:=true
+    ros2 launch dgss_perception segment.launch.py model:=... camera:=/front painting:=true pointcloud:=/lidar/points
+    ros2 launch dgss_perception segment.launch.py model:=... camera:=/front monitor_calibration:=day.json
 
 ``camera`` is a namespace (its ``image`` topic is used) or, when it names an image
 topic directly (ends in image, image_raw, image_rect, image_color, …), that topic.
@@ -27,6 +29,10 @@ def _nodes(context, *args, **kwargs):
     params = [get("params_file"), {"use_sim_time": get("use_sim_time").lower() in ("true", "1")}]
     if get("model"):
         params.append({"model": get("model")})
+    if get("monitor_calibration"):
+        params.append({"monitor_calibration": get("monitor_calibration")})
+    if get("painting").lower() in ("true", "1"):
+        params.append({"painting": True, **({"pointcloud_topic": get("pointcloud")} if get("pointcloud") else {})})
     managed = get("managed").lower() in ("true", "1")
     cameras = [c.strip() for c in get("cameras").split(",") if c.strip()] or [get("camera")]
     actions = []
@@ -52,5 +58,11 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the node(s)"),
         DeclareLaunchArgument("managed", default_value="false",
                               description="start the lifecycle (managed) node instead"),
+        DeclareLaunchArgument("monitor_calibration", default_value="",
+                              description="domain-shift monitor thresholds (dgss-perception calibrate)"),
+        DeclareLaunchArgument("painting", default_value="false",
+                              description="publish <camera>/labels/points: the LiDAR cloud with labels"),
+        DeclareLaunchArgument("pointcloud", default_value="",
+                              description="painting: the LiDAR PointCloud2 topic (default: the parameter file's)"),
         OpaqueFunction(function=_nodes),
     ])

@@ -407,7 +407,7 @@ def test_gt_evaluation_cli(tmp_path: Path, tiny_model_dir: Path, segmenter: Segm
     fails(str(tmp_path / "o1"), "--gt-topic", GT_TOPIC, "--eval-out", str(report_path), match="never overwritten")
     fails(str(tmp_path / "o2"), "--gt-topic", GT_TOPIC, match="exactly one image topic")
     fails(str(tmp_path / "o3"), "--gt-topic", "/nope", "--topics", RAW_TOPIC, match="not in the bag")
-    fails(str(tmp_path / "o4"), "--gt-topic", f"{RAW_TOPIC}={CAM2_TOPIC}", match="not sensor_msgs/msg/Image")
+    fails(str(tmp_path / "o4"), "--gt-topic", f"{RAW_TOPIC}={CAM2_TOPIC}", match="not mono8 PNG trainIds")
     fails(str(tmp_path / "o5"), "--gt-topic", f"{RAW_TOPIC}={GT_TOPIC}", "--topics", CAM2_TOPIC,
           match="not among the segmented")
     fails(str(tmp_path / "o6"), "--gt-topic", GT_TOPIC, "--topics", GT_TOPIC, match="given as ground truth")

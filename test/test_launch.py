@@ -17,7 +17,8 @@ from rosutil import start_node_process, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "segment.launch.py"
-ARGUMENTS = {"model", "camera", "cameras", "params_file", "use_sim_time", "namespace", "managed"}
+ARGUMENTS = {"model", "camera", "cameras", "params_file", "use_sim_time", "namespace", "managed", "painting",
+             "pointcloud", "monitor_calibration"}
 
 
 def test_launch_declares_the_documented_arguments():
