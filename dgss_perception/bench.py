@@ -131,7 +131,8 @@ def add_parser(subparsers: Any) -> None:
                         "GPU precision on a GPU, fp32 on the CPU); ONNX Runtime takes auto or the card's precision")
     p.add_argument("--torch-compile", choices=COMPILE_MODES, default="auto",
                    help="pt2 backend, in the engine and the node: none (eager), inductor (torch.compile at load) or "
-                        "aoti (AOTInductor, compiled once and cached); default auto: inductor on a GPU, none on the CPU")
+                        "aoti (AOTInductor, compiled once and cached); default auto: inductor on a GPU, none on the "
+                        "CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads (0 = runtime default)")
     p.add_argument("--spin-wait", action="store_true",
                    help="let ONNX Runtime's CPU threads busy-wait between operators, in the engine and the node "
