@@ -153,6 +153,9 @@ def load_program(path: Path, device: str) -> Any:
     import torch
     from torch.export.passes import move_to_device_pass
 
+    from .ops import register
+
+    register()  # the dgss:: operators a program may name (MFuser's selective scan) must exist to load it
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # a zip that is no program raises torch's own errors, which share no base

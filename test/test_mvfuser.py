@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from onnxutil import op_types
 from training.models.mvfuser import DT_MAX, DT_MIN, MVFuser, RMSNormGated
-from training.models.selective_scan import selective_scan_reference
+from dgss_perception.ops.selective_scan import selective_scan_reference
 
 # Per MVFuser at d_model 1024, d_state 16, dt_rank 64: in_proj 1024², two depthwise convs 2·512·3,
 # x_proj 512·96, dt_proj 64·512 + 512, A_log 512·16, D 512, norm 512, out_proj 512·1024, scale 1.
@@ -178,3 +178,28 @@ def test_onnx_export_has_no_loops_and_matches_eager() -> None:
     assert got.shape == (1, 50, 64)
     assert _rel_err(torch.from_numpy(got), eager) < 1e-4
     assert math.isfinite(float(torch.from_numpy(got).abs().max()))
+
+
+def test_torch_export_keeps_the_scan_op_and_runs_it_on_the_cpu() -> None:
+    """A torch.export program of MVFuser names dgss.selective_scan (the car's GPU compiles its kernel), and the
+    op's CPU kernel (the chunked scan) gives the eager block's output; ONNX and TorchScript get no op."""
+    from dgss_perception.ops.selective_scan_triton import TRITON_AVAILABLE
+
+    if not TRITON_AVAILABLE:
+        pytest.skip("Triton is not installed: the op is not registered (the chunked scan is exported instead)")
+    torch.manual_seed(5)
+    block = MVFuser(d_model=64, d_state=8).eval()
+    with torch.no_grad():
+        block.scale.fill_(1.0)
+    h = torch.randn(1, 37, 64)
+    program = torch.export.export(block, (h,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "dgss.selective_scan.default" in targets, sorted(targets)
+    with torch.no_grad():
+        eager = block(h)
+        exported = program.module()(h)
+        traced = torch.jit.trace(block, (h,), check_trace=False)
+    assert torch.allclose(exported, eager, rtol=1e-5, atol=1e-6)
+    assert not [n.kind() for n in traced.inlined_graph.nodes() if n.kind().startswith("dgss::")]
+    with torch.no_grad():
+        assert torch.allclose(traced(h), eager, rtol=1e-5, atol=1e-6)

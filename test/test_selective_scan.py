@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from onnxutil import op_types
-from training.models.selective_scan import (
+from dgss_perception.ops.selective_scan import (
     DEFAULT_CHUNK,
     kernel_available,
     selective_scan,
@@ -274,7 +274,7 @@ def _fake_mamba(monkeypatch: pytest.MonkeyPatch, interface: object) -> None:
 @pytest.fixture()
 def fresh_loader():
     """The kernel loader without its cached answer, before and after the test."""
-    from training.models import selective_scan as module
+    from dgss_perception.ops import selective_scan as module
 
     module._load_kernel.cache_clear()
     yield module
@@ -300,7 +300,7 @@ def test_broken_mamba_ssm_is_logged_with_its_reason(fresh_loader, monkeypatch, c
             raise OSError("libcudart.so.11.0: cannot open shared object file")
 
     _fake_mamba(monkeypatch, BrokenExtension("mamba_ssm.ops.selective_scan_interface"))
-    with caplog.at_level("WARNING", logger="training.models.selective_scan"):
+    with caplog.at_level("WARNING", logger="dgss_perception.ops.selective_scan"):
         assert not fresh_loader.kernel_available()
     (record,) = caplog.records
     assert "OSError" in record.getMessage() and "libcudart.so.11.0" in record.getMessage()
@@ -319,7 +319,7 @@ def test_mamba_ssm_missing_a_dependency_is_logged_too(fresh_loader, monkeypatch,
             raise ModuleNotFoundError("No module named 'causal_conv1d'", name="causal_conv1d")
 
     _fake_mamba(monkeypatch, MissingDependency("mamba_ssm.ops.selective_scan_interface"))
-    with caplog.at_level("WARNING", logger="training.models.selective_scan"):
+    with caplog.at_level("WARNING", logger="dgss_perception.ops.selective_scan"):
         assert not fresh_loader.kernel_available()
     assert len(caplog.records) == 1 and "causal_conv1d" in caplog.records[0].getMessage()
 

@@ -1,27 +1,36 @@
 """The fused Triton selective scan (``dgss::selective_scan``) and its backward against the sequential reference.
 
-Off a GPU the ops' CPU kernels run the same Triton kernel bodies in Triton's interpreter, so every
-comparison here checks the kernels themselves (the backward's against autograd through the reference in
+Off a GPU the ops' CPU kernels are the chunked scan; inside ``interpreted_kernels`` (on for every test here)
+they run the same Triton kernel bodies in Triton's interpreter, so every comparison here checks the kernels
+themselves (the backward's against autograd through the reference in
 fp64); the GPU tests compare the compiled kernels with the reference and mamba_ssm.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from training.models.selective_scan import selective_scan_chunked, selective_scan_reference  # noqa: E402
-from training.models.selective_scan_triton import (  # noqa: E402
+from dgss_perception.ops.selective_scan import selective_scan_chunked, selective_scan_reference  # noqa: E402
+from dgss_perception.ops.selective_scan_triton import (  # noqa: E402
     BWD_CHUNK,
     block_d,
+    interpreted_kernels,
     selective_scan_backward_chunked,
     selective_scan_fast,
     selective_scan_triton,
 )
+
+
+@pytest.fixture(autouse=True)
+def _interpreted() -> Iterator[None]:
+    """Every test here runs the Triton kernels themselves: on CPU tensors, in Triton's interpreter."""
+    with interpreted_kernels():
+        yield
 
 
 def make_inputs(dim: int, length: int, state: int, *, batch: int = 2, groups: int = 0, decay: float = 1.0,
@@ -218,7 +227,7 @@ def test_gradient_with_only_the_output_used() -> None:
 
 
 def test_fast_dispatch_uses_the_chunked_scan_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.models.selective_scan_triton as module
+    import dgss_perception.ops.selective_scan_triton as module
 
     def refuse(*args, **kwargs):
         raise AssertionError("the Triton op must not run for CPU tensors")
@@ -410,7 +419,7 @@ def test_backward_bad_gradient_shapes_raise_clear_errors() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernel_equals_the_reference_and_mamba_ssm(dtype: torch.dtype) -> None:
     """The compiled kernel against the reference (on the CPU, in fp32) and against mamba_ssm where installed."""
-    from training.models.selective_scan import kernel_available, _load_kernel
+    from dgss_perception.ops.selective_scan import kernel_available, _load_kernel
 
     t = make_inputs(96, 300, 16, dtype=dtype, seed=7)
     cuda = pick({k: v.cuda() for k, v in t.items()}, D=True, z=True, bias=True)

@@ -262,6 +262,38 @@ def test_load_program_rewrites_and_checks_device_literals(tmp_path, monkeypatch)
         load_program(path, "meta")
 
 
+def test_mfuser_program_carries_the_scan_op_and_loads_without_training(mfuser_dir, tmp_path):
+    """MFuser's program keeps the selective scan as one dgss op (the car's GPU compiles its Triton kernel), and
+    the runtime alone registers it: a process that never imports training/ loads and runs the program."""
+    import subprocess
+    import sys
+
+    from dgss_perception.ops.selective_scan_triton import TRITON_AVAILABLE
+
+    if not TRITON_AVAILABLE:
+        pytest.skip("Triton is not installed: programs are exported with the chunked scan instead of the op")
+    program = torch.export.load(str(mfuser_dir / "window.pt2"))
+    assert sum(str(n.target) == "dgss.selective_scan.default" for n in program.graph.nodes) > 0
+    script = (
+        "import sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from dgss_perception.engine import Segmenter\n"
+        "seg = Segmenter(Path(sys.argv[1]), backend='pt2', device='cpu', torch_compile='none')\n"
+        "rgb = np.random.default_rng(1).integers(0, 256, (seg.card.input_height, seg.card.input_width, 3), "
+        "dtype=np.uint8)\n"
+        "np.save(sys.argv[2], seg.segment(rgb).labels)\n"
+        "assert 'training' not in sys.modules, 'the runtime imported training/'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script, str(mfuser_dir), str(tmp_path / "labels.npy")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = load_card(mfuser_dir)
+    rgb = np.random.default_rng(1).integers(0, 256, (card.input_height, card.input_width, 3), dtype=np.uint8)
+    want = Segmenter(mfuser_dir, backend="torchscript", device="cpu").segment(rgb).labels
+    assert np.mean(np.load(tmp_path / "labels.npy") == want) >= MIN_AGREEMENT
+
+
 def test_metadata_asserts_stripped(mfuser_dir):
     """The export's dtype checks before .float() would refuse autocast's bf16; the casts themselves stay."""
     program = torch.export.load(str(mfuser_dir / "window.pt2"))

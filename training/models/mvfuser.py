@@ -7,7 +7,8 @@ sequences) and one inside the text enhancer (d_model 256, dt_rank 16). Its forwa
 2. x = SiLU(depthwise conv k=3, same padding, no bias); z likewise with its own conv.
 3. x_proj(x) → dt (dt_rank), B (d_state), C (d_state); dt = dt_proj(dt) (with bias).
 4. y = selective_scan(x, dt, A = −exp(A_log), B, C, D, delta_bias = dt_proj.bias, softplus) — one
-   forward-direction scan over the whole sequence.
+   forward-direction scan over the whole sequence, on the path that fits (``selective_scan_fast``: the fused
+   kernel on a GPU and in torch.export programs, the loop-free chunked scan on a CPU and in ONNX).
 5. y = RMSNormGated(y, z) = rmsnorm(y)·w ⊙ SiLU(z).
 6. out = Dropout(out_proj(y)) · scale (scale a learnable scalar, init 1e-3).
 
@@ -27,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.selective_scan import DEFAULT_CHUNK, selective_scan
+from dgss_perception.ops.selective_scan import DEFAULT_CHUNK
+from dgss_perception.ops.selective_scan_triton import selective_scan_fast
 
 # dt initialisation range of Mamba-family mixers: softplus(dt bias) starts log-uniform in [DT_MIN, DT_MAX],
 # i.e. the state forgets over roughly 10 to 1000 steps at the start of training.
@@ -80,7 +82,7 @@ class MVFuser(nn.Module):
         proj_drop: dropout after out_proj.
         scale_init: initial value of the learnable output scale (small, so a fresh block barely
             perturbs the residual stream it is added to).
-        chunk: chunk length passed to the chunked selective scan (CPU / export path).
+        chunk: chunk length of the chunked selective scan (CPU, ONNX and TorchScript path).
     """
 
     def __init__(
@@ -154,8 +156,8 @@ class MVFuser(nn.Module):
         c = c.transpose(1, 2)
         a = -torch.exp(self.A_log)
         # Quirk kept for checkpoint fidelity: dt_proj.bias is passed again as delta_bias, so it is added twice.
-        y = selective_scan(x, dt, a, b, c, D=self.D, z=None, delta_bias=self.dt_proj.bias,
-                           delta_softplus=True, chunk=self.chunk)
+        y = selective_scan_fast(x, dt, a, b, c, D=self.D, z=None, delta_bias=self.dt_proj.bias,
+                                delta_softplus=True, chunk=self.chunk)
         # Quirk kept for checkpoint fidelity: z already went through SiLU, and the gated norm applies SiLU again.
         y = self.norm(y.transpose(1, 2), z.transpose(1, 2))  # (B, L, d_inner)
         return self.proj_drop(self.out_proj(y)) * self.scale

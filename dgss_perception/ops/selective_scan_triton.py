@@ -1,6 +1,6 @@
 """Mamba-1 selective scan as one fused Triton kernel, wrapped as the custom op ``dgss::selective_scan``.
 
-Same function as :func:`training.models.selective_scan.selective_scan_reference` (see that module for the
+Same function as :func:`dgss_perception.ops.selective_scan.selective_scan_reference` (see that module for the
 recurrence and the argument layout: u, delta, z (N, D, L); A (D, S); B, C (N, S, L) or (N, G, S, L);
 D, delta_bias (D,)). The kernel runs one program per (batch element, block of channels) and walks the
 sequence once, keeping the (block_d × S) state in registers and accumulating in float32; inputs may be
@@ -13,12 +13,14 @@ The op is registered with ``torch.library.triton_op``, so ``torch.export`` keeps
 while ``torch.compile`` / AOTInductor see and compile the kernel inside. Where that API is missing it is
 registered with ``torch.library.custom_op`` and an explicit fake implementation.
 
-Devices: on CUDA the compiled kernel runs; on CPU the op runs the *same* kernel source through Triton's
-interpreter (slow: meant for tests and debugging, so the kernel is checked without a GPU);
-:func:`selective_scan_fast` never sends CPU tensors to the op.
+Devices: on CUDA the compiled kernel runs; on the CPU the op is the chunked PyTorch scan (exact, and
+as fast as the PyTorch path gets there), so a program exported with the op runs anywhere. Inside
+:func:`interpreted_kernels` the CPU runs the *same* kernel source through Triton's interpreter instead
+(slow: for tests and debugging, so the kernels are checked without a GPU). :func:`selective_scan_fast`
+chooses between mamba_ssm, the op and the chunked scan by device and by what traces the call.
 
 Backward: the op's gradient is a second op, ``dgss::selective_scan_backward``, registered the same way
-around a fused backward kernel (the same interpreted source on CPU). One program per (batch element,
+around a fused backward kernel. One program per (batch element,
 block of channels) recomputes the forward from the inputs — checkpoints of the state every
 :data:`BWD_CHUNK` steps, then each chunk's states again from its checkpoint — and runs the adjoint
 recurrence backwards, in float32, producing every gradient (u, delta before bias and softplus, A, B, C,
@@ -33,14 +35,16 @@ registered and :func:`selective_scan_fast` uses the other paths.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from training.models.selective_scan import (
+from .selective_scan import (
+    DEFAULT_CHUNK,
     ScanOutput,
-    _exporting,
     _load_kernel,
     kernel_available,
     selective_scan_chunked,
@@ -57,6 +61,22 @@ except ImportError:  # CPU-only installs (and Jetson) without Triton: the op is 
 TRITON_AVAILABLE = triton is not None
 OP_NAME = "dgss::selective_scan"
 BWD_OP_NAME = "dgss::selective_scan_backward"
+
+# The op's CPU kernels run the exact chunked PyTorch scan (so that a program exported with the op runs on a
+# CPU at the chunked scan's speed); inside interpreted_kernels() they run the Triton kernels' own source
+# under Triton's interpreter instead, which is how the kernels are tested without a GPU.
+_INTERPRET_ON_CPU: contextvars.ContextVar[bool] = contextvars.ContextVar("dgss_scan_interpret", default=False)
+
+
+@contextlib.contextmanager
+def interpreted_kernels() -> Iterator[None]:
+    """Inside the block, the ``dgss::`` scan ops run their Triton kernels in Triton's interpreter on CPU tensors."""
+    token = _INTERPRET_ON_CPU.set(True)
+    try:
+        yield
+    finally:
+        _INTERPRET_ON_CPU.reset(token)
+
 
 # Channels per program: at most 16 (16 channels × 16 states = 256 fp32 of state, two per thread of 4 warps,
 # all in registers), fewer when that would leave the GPU idle: the programs are independent and each walks
@@ -249,8 +269,12 @@ def _selective_scan_cpu(
     delta_bias: Optional[torch.Tensor],
     delta_softplus: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """CPU kernel of the op: the Triton kernel run by Triton's interpreter. Returns as the op."""
+    """CPU kernel of the op: the chunked scan, or in :func:`interpreted_kernels` the interpreted Triton kernel."""
     _check(u, delta, A, B, C, D, z, delta_bias)
+    if not _INTERPRET_ON_CPU.get():
+        out, last = selective_scan_chunked(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                           delta_softplus=delta_softplus, return_last_state=True)
+        return out, last.to(torch.float32)
     out, last = _empty_outputs(u, A)
     _launch(_interpreted_kernel(), u, delta, A, B, C, D, z, delta_bias, delta_softplus, out, last)
     return out, last
@@ -541,7 +565,7 @@ def selective_scan_backward_chunked(
     """The scan's gradients by recomputing the chunked PyTorch scan and back-propagating through it.
 
     The plain backward (the op's before the kernel, kept to check it and for devices without it).
-    Operands as :func:`training.models.selective_scan.selective_scan_reference`; grad_out (N, D, L) and
+    Operands as :func:`dgss_perception.ops.selective_scan.selective_scan_reference`; grad_out (N, D, L) and
     grad_last (N, D, S) are the gradients of out and of the last state (either may be None). Returns the
     gradients of (u, delta, A, B, C, D, z, delta_bias), shaped and typed like them; None for absent operands
     and for those ``wanted`` (8 flags, default all) leaves out.
@@ -644,8 +668,13 @@ def _selective_scan_bwd_cpu(
     delta_softplus: bool,
     chunk: int,
 ) -> Grads:
-    """CPU kernel of the backward op: the backward Triton kernel run by Triton's interpreter."""
+    """CPU kernel of the backward op: the chunked scan's gradients (in interpreted_kernels: the Triton kernel)."""
     _check_backward(u, delta, A, B, C, D, z, delta_bias, grad_out, grad_last)
+    if not _INTERPRET_ON_CPU.get():
+        grads = selective_scan_backward_chunked(u, delta, A, B, C, D, z, delta_bias, grad_out, grad_last,
+                                                delta_softplus)
+        # Cloned: some are views of one buffer (dB and dC), and an op's outputs may not alias each other.
+        return tuple(g.clone() if g is not None else A.new_empty(0) for g in grads)  # type: ignore[return-value]
     return _launch_bwd(_interpreted_bwd_kernel(), u, delta, A, B, C, D, z, delta_bias, grad_out, grad_last,
                        delta_softplus, chunk)
 
@@ -709,10 +738,10 @@ def selective_scan_triton(
 ) -> ScanOutput:
     """Selective scan by the ``dgss::selective_scan`` op (the fused Triton kernel).
 
-    Arguments and result as :func:`training.models.selective_scan.selective_scan_reference`: u, delta, z
+    Arguments and result as :func:`dgss_perception.ops.selective_scan.selective_scan_reference`: u, delta, z
     (N, D, L); A (D, S); B, C (N, S, L) or (N, G, S, L); D, delta_bias (D,). Returns out (N, D, L) in u's
     dtype, and with ``return_last_state`` the last state (N, D, S) in float32. On CPU tensors the kernel
-    runs in Triton's interpreter (slow; for tests).
+    are the chunked scan's (in :func:`interpreted_kernels`: the kernel in Triton's interpreter).
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("selective_scan_triton: Triton is not installed")
@@ -731,25 +760,37 @@ def selective_scan_fast(
     delta_bias: Optional[torch.Tensor] = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    chunk: int = DEFAULT_CHUNK,
 ) -> ScanOutput:
-    """Selective scan on the fastest path for the tensors' device.
+    """Selective scan on the fastest path for the tensors' device and for what is tracing the call.
 
-    On CUDA: mamba_ssm's ``selective_scan_fn`` where it imports and nothing is being exported or traced
-    (it does neither), else the Triton op (which exports as one ``dgss.selective_scan`` node and compiles
-    under torch.compile / AOTInductor). Elsewhere, or without Triton: the chunked PyTorch scan (which also
-    exports to ONNX without loops). Arguments and result as
-    :func:`training.models.selective_scan.selective_scan_reference` (u, delta, z (N, D, L); A (D, S);
-    B, C (N, S, L) or (N, G, S, L); D, delta_bias (D,) → out (N, D, L) [, last state (N, D, S)]).
+    - ONNX export and TorchScript tracing: the chunked PyTorch scan (``chunk``), flat and loop-free, since
+      neither format can hold the Triton kernel;
+    - torch.export and torch.compile: the ``dgss::selective_scan`` op (one node in the program; on CUDA its
+      Triton kernel is compiled in, elsewhere it is the chunked scan), so that a ``.pt2`` package exported
+      on any machine runs the kernel on the car's GPU;
+    - eager on CUDA: mamba_ssm's ``selective_scan_fn`` where it imports, else the op;
+    - eager elsewhere, and without Triton: the chunked scan.
+
+    Arguments and result as :func:`dgss_perception.ops.selective_scan.selective_scan_reference` (u, delta,
+    z (N, D, L); A (D, S); B, C (N, S, L) or (N, G, S, L); D, delta_bias (D,) → out (N, D, L) [, last
+    state (N, D, S)]), plus the chunked scan's ``chunk``.
     """
-    scan: Callable[..., ScanOutput] = selective_scan_chunked
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, return_last_state=return_last_state)
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return selective_scan_chunked(u, delta, A, B, C, chunk=chunk, **kwargs)
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        if TRITON_AVAILABLE:
+            return selective_scan_triton(u, delta, A, B, C, **kwargs)
+        return selective_scan_chunked(u, delta, A, B, C, chunk=chunk, **kwargs)
     if u.is_cuda:
-        if not _exporting() and kernel_available():
-            scan = _load_kernel()
-        elif TRITON_AVAILABLE:
-            scan = selective_scan_triton
-    return scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                return_last_state=return_last_state)
+        if kernel_available():
+            return _load_kernel()(u, delta, A, B, C, **kwargs)
+        if TRITON_AVAILABLE:
+            return selective_scan_triton(u, delta, A, B, C, **kwargs)
+    return selective_scan_chunked(u, delta, A, B, C, chunk=chunk, **kwargs)
 
 
-__all__ = ["BWD_CHUNK", "BWD_OP_NAME", "OP_NAME", "TRITON_AVAILABLE", "selective_scan_backward_chunked",
-           "selective_scan_fast", "selective_scan_reference", "selective_scan_triton"]
+__all__ = ["BWD_CHUNK", "BWD_OP_NAME", "OP_NAME", "TRITON_AVAILABLE", "interpreted_kernels",
+           "selective_scan_backward_chunked", "selective_scan_fast", "selective_scan_reference",
+           "selective_scan_triton"]
