@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -112,6 +115,15 @@ def make_tiny_weights(path: Path, seed: int = 0, config: dict | None = None, sha
     state = {k: v.contiguous() for k, v in state.items()}
     save_file(state, str(path))
     return cfg
+
+
+def edited_copy(package: Path, dest: Path, edit: Callable[[dict[str, Any]], Any]) -> Path:
+    """A copy of a model package at ``dest`` whose card.json ``edit`` changed in place (checksums left as they were)."""
+    shutil.copytree(package, dest)
+    data = json.loads((dest / "card.json").read_text())
+    edit(data)
+    (dest / "card.json").write_text(json.dumps(data))
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, make_tiny_weights
+from conftest import TINY_CONFIG, edited_copy, make_tiny_weights
 from dgss_perception import backends
 from dgss_perception.backends import BackendError, TorchScriptBackend, onnx_providers, parse_device
 from dgss_perception.card import CardError, load_card, sha256_file
@@ -51,14 +51,6 @@ def frame(shape: tuple[int, int], seed: int) -> np.ndarray:
     small = torch.from_numpy(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).permute(2, 0, 1)[None].float()
     big = torch.nn.functional.interpolate(small, size=shape, mode="bilinear", align_corners=False)[0]
     return np.clip(big.permute(1, 2, 0).numpy() + rng.normal(0, 10, (*shape, 3)), 0, 255).astype(np.uint8)
-
-
-def edited_copy(package: Path, dest: Path, edit) -> Path:
-    shutil.copytree(package, dest)
-    data = json.loads((dest / "card.json").read_text())
-    edit(data)
-    (dest / "card.json").write_text(json.dumps(data))
-    return dest
 
 
 # -- precision -------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (TINY_C2F_CONFIG, TINY_CONFIG, TINY_REIN_CONFIG, make_tiny_depthforge_weights,
+from conftest import (TINY_C2F_CONFIG, TINY_CONFIG, TINY_REIN_CONFIG, edited_copy, make_tiny_depthforge_weights,
                       make_tiny_mfuser_weights, make_tiny_weights)
 from dgss_perception.backends import BackendError
 from dgss_perception.card import CardError, load_card, sha256_file
@@ -141,14 +141,6 @@ def assert_same(got, want, min_agreement: float = MIN_AGREEMENT, atol: float | N
     assert agreement >= min_agreement, f"labels agree on {agreement:.4%} of pixels"
     if atol is not None:
         assert np.abs(got.network_confidence - want.network_confidence).max() <= atol
-
-
-def edited_copy(package: Path, dest: Path, edit) -> Path:
-    shutil.copytree(package, dest)
-    data = json.loads((dest / "card.json").read_text())
-    edit(data)
-    (dest / "card.json").write_text(json.dumps(data))
-    return dest
 
 
 # -- export -------------------------------------------------------------------------------------------------
