@@ -44,7 +44,8 @@ ScanOutput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 # ⌈log₂ K⌉ doubling steps on (N, D, S, K) tensors. Measured on a 2-core CPU at MVFuser's size (D 512, S 16,
 # L 2594), scan alone, single thread: 0.20 / 0.17 / 0.12 s for Q = 8 / 16 / 32; with 2 threads on a
 # shared machine, fewer and larger operations win: the whole MVFuser forward over a ViT-L block on the
-# same tokens ran 0.72 / 0.72 / 0.79 / 0.91 for Q = 4 / 8 / 16 / 32 (scripts/bench_scan.py).
+# same tokens ran 0.72 / 0.72 / 0.79 / 0.91 for Q = 4 / 8 / 16 / 32, and on a quiet machine 0.44 / 0.38 / 0.32 /
+# 0.30 (scripts/bench_scan.py, BENCHMARKS.md): 8 holds up under load, where larger chunks lose.
 DEFAULT_CHUNK = 8
 
 
