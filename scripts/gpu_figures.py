@@ -3,19 +3,31 @@
     python3 scripts/gpu_figures.py --out figures [--budget-s 420]
     python3 scripts/gpu_figures.py --out /tmp/figures_dry --dry          # CPU, shrunk towers, a few frames
 
-Run from the repository root; nothing needs installing (the root goes on ``sys.path`` here). For each
-family (VFMNet-L/16 512x1024, VFMSeg coarse-to-fine 1024x2048, DepthForge 512x1024 and 1024x2048,
-then MFuser 512x1024, known to be extremely slow, last with short timeouts) it
+Run from the repository root; nothing needs installing (the root goes on ``sys.path`` here). It first times
+MFuser's selective scan alone at one fuser's official shape (the ``dgss::selective_scan`` Triton op, its
+fused backward, the exportable chunked scan, mamba-ssm where installed; each checked against the chunked
+scan in float64). Then, for each family (VFMNet-L/16 512x1024, VFMSeg coarse-to-fine 1024x2048,
+DepthForge 512x1024 and 1024x2048, MFuser 512x1024), it
 
 1. exports a benchmark package with ``training.bench_models.export_bench`` (random weights, TorchScript
-   only: the ONNX path is not measured here, ONNX Runtime being CPU-only on the GPU machine);
-2. runs the product's engine benchmark on it (``dgss-perception bench --backend torchscript --no-node``,
-   1920x1080 rgb8 frames) at each precision the bench takes (``--precision fp32`` and ``bf16``; "n/a"
-   when the bench has no such flag); the figure is the engine's inference median;
+   and, unless ``--pt2 off``, torch.export programs; the ONNX path is not measured here, ONNX Runtime
+   being CPU-only on the GPU machine);
+2. runs the product's engine benchmark on it (``dgss-perception bench --no-node``, 1920x1080 rgb8 frames):
+   the TorchScript backend at each precision the bench takes (``--precision bf16`` and ``fp32``; "n/a"
+   when the bench has no such flag), and the pt2 backend in bf16 for each of ``--pt2`` (``inductor_cg``:
+   ``--torch-compile inductor --cuda-graph``, TorchInductor with CUDA graphs; ``inductor``; ``aoti``:
+   AOTInductor compiled on this machine; ``none``: the program run eagerly); the figure is the engine's
+   inference median, and the pt2 rows also give the seconds their compile took (a cold cache under
+   ``--work``);
 3. times, as reference, eager PyTorch of the same graph (the export wrapper around the model: uint8
    frame at the graph's input size, already on the device, in; labels on the device out) in fp32 and
    under bf16 autocast, and later, where the budget allows, ``torch.compile`` under bf16 autocast, with
    CUDA events: warm-up, then the median of N runs.
+
+The steps run in tiers, so that a short budget still brings the product's own figures of every family:
+the peak and the scan; then each family's package, its TorchScript bf16 bench and its first pt2 mode;
+then the other compiled pt2 modes; then the eager references, fp32 and the eager program; last the
+``torch.compile`` references.
 
 Each figure is set against a compute floor: the card's FLOPs per frame (``export.flops``: ``whole``;
 ``coarse`` + mean windows refined × ``refine_per_window``; windows × ``window`` for slide) over the
@@ -25,8 +37,10 @@ several: bf16, tf32 and fp32 with TF32 off); ratio = measured ms / floor ms.
 Every step runs in its own process (forked from this one, which has the heavy modules imported and
 never touches the GPU; ``--isolation spawn`` starts a fresh interpreter instead) under its own timeout
 and within ``--budget-s`` overall, most important first; a failing step's error (its last lines) is
-recorded and the run goes on. ``OUT/gpu_figures.json`` and ``OUT/gpu_figures.md`` are rewritten after
-every step, so a cut run still reports. Packages and step logs go to ``--work``.
+recorded and the run goes on. The exports (CPU work) run one after another beside the other steps (the
+GPU's, in order, each waiting for the package it needs; on a GPU the exports get all cores but two);
+``--serial`` runs one step at a time. ``OUT/gpu_figures.json`` and ``OUT/gpu_figures.md`` are rewritten
+after every step, so a cut run still reports. Packages and step logs go to ``--work``.
 
 ``--dry``: the same steps on the CPU with shrunk towers (``embed_dim=64 depth=4 num_heads=2``), small
 networks and windows (the slide heads shrunk too, a config edit; VFMSeg as the ``tiny_c2f`` preset, the
@@ -49,6 +63,7 @@ import multiprocessing
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -68,6 +83,20 @@ FRAME = (1080, 1920)  # (height, width) of the camera frames the bench feeds the
 POOL = 4  # distinct frames cycled through, as the bench
 DRY_OVERRIDES = {"embed_dim": 64, "depth": 4, "num_heads": 2}
 TAIL_LINES = 15
+POLL_S = 0.05  # how often running steps are looked at
+# The pt2 backend's ways to run a program, as the bench is told them, and their labels in the report.
+PT2_MODES: dict[str, tuple[list[str], str]] = {
+    "inductor_cg": (["--torch-compile", "inductor", "--cuda-graph"], "torch.compile + CUDA graphs"),
+    "inductor": (["--torch-compile", "inductor"], "torch.compile"),
+    "aoti": (["--torch-compile", "aoti"], "AOTInductor"),
+    "none": (["--torch-compile", "none"], "eager program"),
+}
+PT2_DEFAULT = "inductor_cg,aoti,none"
+PT2_DRY_DEFAULT = "none"  # the compilers build C++ on a CPU: minutes on two cores (test_torch_export runs them)
+# One MVFuser's selective scan at the official size, (N, D, L, S): batch 1, d_inner 512 (d_model 1024 / 2),
+# the 2594 joined tokens, 16 states; and the dry run's, small enough for Triton's interpreter.
+SCAN_SHAPE = (1, 512, 2594, 16)
+DRY_SCAN_SHAPE = (1, 8, 45, 4)
 # A step whose timeout would be under this is not started (it could not finish).
 MIN_STEP_S = 10.0
 DRY_MIN_STEP_S = 3.0
@@ -101,7 +130,6 @@ class Family:
         caps: per-step time limits in seconds (export, bench, eager, compile).
         compile: whether a ``torch.compile`` step is planned.
         needs: modules the family's model needs; a missing one skips its steps at once.
-        last: run after every other step (torch.compile ones included).
     """
 
     key: str
@@ -112,11 +140,12 @@ class Family:
     dry_config: dict[str, Any] | None = None
     frames: int = 30
     warmup: int = 10
-    caps: dict[str, float] = field(default_factory=lambda: {"export": 120, "bench": 90, "eager": 90,
+    # The export runs on the CPU (TorchScript, then torch.export), each form checked against eager; a pt2
+    # bench includes compiling the programs on the target (minutes for max-autotune or AOTInductor).
+    caps: dict[str, float] = field(default_factory=lambda: {"export": 180, "bench": 90, "pt2": 240, "eager": 90,
                                                             "compile": 150})
     compile: bool = True
     needs: tuple[str, ...] = ()
-    last: bool = False
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -126,10 +155,11 @@ FAMILIES: tuple[Family, ...] = (
            (64, 128), _DF_DRY, frames=20, warmup=6),
     Family("depthforge_l16_1024x2048", "depthforge_vitl16_slide_1024x2048", None,
            "depthforge_vitl16_slide_1024x2048", (128, 256), _DF_DRY, frames=10, warmup=4),
-    # Known to be extremely slow: last, with short limits and few frames.
+    # Slow before the fused scan (2.4 s a frame): the last family of every tier, short limits, few frames.
     Family("mfuser_l14_512x1024", "mfuser_eva02l_slide_1024x2048", (512, 1024), "mfuser_eva02l_slide_1024x2048",
-           (56, 112), _MF_DRY, frames=3, warmup=1, caps={"export": 90, "bench": 60, "eager": 60, "compile": 0},
-           compile=False, needs=("open_clip",), last=True),
+           (56, 112), _MF_DRY, frames=5, warmup=2,
+           caps={"export": 180, "bench": 60, "pt2": 180, "eager": 60, "compile": 0}, compile=False,
+           needs=("open_clip",)),
 )
 FAMILY_KEYS = tuple(f.key for f in FAMILIES)
 
@@ -300,23 +330,29 @@ def step_peak(device: str, dry: bool) -> dict[str, Any]:
                               "timer": "CUDA events" if cuda else "wall clock"}}, "info": info}
 
 
-def step_export(family: str, dry: bool, package: str) -> dict[str, Any]:
-    """Export the family's benchmark package (TorchScript, random weights, parity checked) to ``package``."""
+def step_export(family: str, dry: bool, package: str, formats: list[str], threads: int | None = None) -> dict[str, Any]:
+    """Export the family's benchmark package (``formats``, random weights, parity checked) to ``package``.
+
+    ``threads``: torch's CPU threads for it (the cores the GPU steps running beside it do not need).
+    """
+    import torch
+
     from training import bench_models
 
+    if threads:
+        torch.set_num_threads(threads)
     preset, overrides, size = resolve(family, dry)
     start = time.perf_counter()
-    card = bench_models.export_bench(preset, Path(package), size, overrides, formats=("torchscript",),
-                                     overwrite=True)
+    card = bench_models.export_bench(preset, Path(package), size, overrides, formats=tuple(formats), overwrite=True)
     seconds = time.perf_counter() - start
-    files = [g["torchscript"] for g in card["graphs"].values() if g.get("torchscript")]
+    files = [g[f] for g in card["graphs"].values() for f in formats if g.get(f)]
     size_mb = sum((Path(package) / f).stat().st_size for f in files) / 1e6
     windows = card["inference"]["params"].get("windows")
     return {"rows": {"export": {
         "status": "ok", "seconds_export": round(seconds, 1), "mode": card["inference"]["mode"],
         "input": [card["input"]["height"], card["input"]["width"]], "flops": card["export"]["flops"],
         "windows": len(windows) if windows else None, "package_mb": round(size_mb, 1),
-        "parity_ok": all(r["ok"] for r in card["export"]["parity"]),
+        "parity_ok": all(r["ok"] for r in card["export"]["parity"]), "formats": formats,
         "flops_text": bench_models.describe_flops(card["export"]["flops"], len(windows) if windows else None)}}}
 
 
@@ -341,14 +377,15 @@ def bench_takes_precision() -> bool:
 
 
 def step_bench(package: str, device: str, precision: str, frames: int, warmup: int, report: str,
-               peak_gflops: float | None, row: str) -> dict[str, Any]:
-    """``dgss-perception bench`` on the package (engine only, torchscript); the report's key figures."""
+               peak_gflops: float | None, row: str, backend: str = "torchscript",
+               options: list[str] | None = None) -> dict[str, Any]:
+    """``dgss-perception bench`` on the package (engine only; ``backend`` with bench ``options``); its key figures."""
     # The raw floor (DDS publishing) is not what this run measures, and a ROS 2 install on the GPU machine
     # would make it cost minutes: the bench skips it when rclpy does not import.
     sys.modules["rclpy"] = None  # type: ignore[assignment]
     from dgss_perception import bench
 
-    argv = ["bench", "--model", package, "--backend", "torchscript", "--device", device, "--no-node",
+    argv = ["bench", "--model", package, "--backend", backend, *(options or []), "--device", device, "--no-node",
             "--width", str(FRAME[1]), "--height", str(FRAME[0]), "--frames", str(frames), "--warmup", str(warmup),
             "--json", report]
     if precision != "n/a":
@@ -360,14 +397,16 @@ def step_bench(package: str, device: str, precision: str, frames: int, warmup: i
     if not Path(report).exists():
         raise RuntimeError(f"dgss-perception bench exited {code} without a report")
     r = json.loads(Path(report).read_text())
-    eng, backend, cf = r["engine"], r["backend"], r["compute_floor"]
+    eng, be, cf = r["engine"], r["backend"], r["compute_floor"]
     return {"rows": {row: {
         "status": "ok", "exit_code": code, "command": r["command"], "ms": eng["stages_ms"]["inference"]["median"],
         "ms_p90": eng["stages_ms"]["inference"]["p90"], "total_ms": eng["stages_ms"]["total"]["median"],
         "stages_ms": {k: v["median"] for k, v in eng["stages_ms"].items()}, "frames": eng["frames"],
         "warmup": eng["warmup"], "throughput_fps": eng["throughput_fps"],
-        "windows_refined_mean": eng["windows_refined_mean"], "ran_at": backend.get("precision"),
-        "device_report": backend.get("device_report"), "precision_note": backend.get("precision_note"),
+        "windows_refined_mean": eng["windows_refined_mean"], "ran_at": be.get("precision"),
+        "device_report": be.get("device_report"), "precision_note": be.get("precision_note"),
+        "cuda_graph": be.get("cuda_graph"), "cuda_graph_notes": be.get("cuda_graph_notes") or None,
+        "compile_seconds": be.get("compile_seconds"),
         "bench_floor_ms": cf.get("floor_ms"), "bench_ratio": cf.get("ratio"), "report": report}}}
 
 
@@ -457,34 +496,10 @@ def step_eager(family: str, dry: bool, device: str, variants: list[str], warmup:
 
         autocast = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
                                   enabled=variant != "fp32")
-        times: list[float] = []
         with torch.inference_mode(), autocast:
-            t0 = time.perf_counter()
-            for i in range(warmup):
-                run(inputs[i % POOL])
-            if cuda:
-                torch.cuda.synchronize()
-            warmup_s = time.perf_counter() - t0
-            refined.clear()
-            for i in range(runs):
-                x = inputs[i % POOL]
-                if cuda:
-                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    begin.record()
-                    run(x)
-                    end.record()
-                    end.synchronize()
-                    times.append(begin.elapsed_time(end))
-                else:
-                    t1 = time.perf_counter()
-                    run(x)
-                    times.append((time.perf_counter() - t1) * 1e3)
-        times.sort()
+            timing = _timed(lambda i, run=run: run(inputs[i % POOL]), warmup, runs, cuda, after_warmup=refined.clear)
         rows[variant] = {
-            "status": "ok", "ms": round(times[len(times) // 2] if len(times) % 2 else
-                                        (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2, 4),
-            "ms_min": round(times[0], 4), "ms_p90": round(times[min(len(times) - 1, int(0.9 * len(times)))], 4),
-            "frames": runs, "warmup": warmup, "warmup_s": round(warmup_s, 2), "build_s": round(build_s, 1),
+            "status": "ok", **timing, "frames": runs, "warmup": warmup, "build_s": round(build_s, 1),
             "windows_refined_mean": round(sum(refined) / len(refined), 3) if refined else None,
             "flops": flops, "flops_source": flops_source, "mode": mode, "windows": slide_windows,
             "graph": "+".join(type(g).__name__ for g in graphs.values()),
@@ -497,8 +512,135 @@ def step_eager(family: str, dry: bool, device: str, variants: list[str], warmup:
     return {"rows": rows}
 
 
+def _timed(fn: Callable[[int], Any], warmup: int, runs: int, cuda: bool,
+           after_warmup: Callable[[], Any] | None = None) -> dict[str, float]:
+    """``fn(i)`` ``warmup`` times, then ``runs`` timed calls: median, min and p90 in ms, and the warm-up's seconds.
+
+    On a GPU each call sits between two CUDA events and is synchronised; on the CPU the wall clock times it.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        fn(i)
+    if cuda:
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    if after_warmup is not None:
+        after_warmup()
+    times: list[float] = []
+    for i in range(runs):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t1 = time.perf_counter()
+            fn(i)
+            times.append((time.perf_counter() - t1) * 1e3)
+    times.sort()
+    return {"ms": round(statistics.median(times), 4), "ms_min": round(times[0], 4),
+            "ms_p90": round(times[min(len(times) - 1, int(0.9 * len(times)))], 4), "warmup_s": round(warmup_s, 2)}
+
+
+SCAN_ROWS = ("triton.fwd.fp32", "triton.fwd.bf16", "chunked.fwd.fp32", "mamba.fwd.fp32", "triton.fwdbwd.fp32",
+             "chunked.fwdbwd.fp32")
+
+
+def _scan_operands(shape: tuple[int, int, int, int], dtype: Any, device: str) -> dict[str, Any]:
+    """MVFuser's scan operands at ``shape`` (N, D, L, S), seed 0: u, delta (N, D, L) and B, C (N, S, L) in
+    ``dtype``; A (D, S) < 0, D and delta_bias (D,) float32 (the module's parameters), all on ``device``."""
+    import torch
+
+    n, d, length, s = shape
+    g = torch.Generator().manual_seed(0)
+    act = {"u": torch.randn(n, d, length, generator=g), "delta": torch.randn(n, d, length, generator=g) - 1.0,
+           "B": torch.randn(n, s, length, generator=g), "C": torch.randn(n, s, length, generator=g)}
+    # MVFuser's A: −(1 … S) per channel, the S4D-real start its A_log is initialised to.
+    par = {"A": -torch.arange(1, s + 1, dtype=torch.float32).repeat(d, 1) * torch.rand(d, 1, generator=g).add(0.5),
+           "D": torch.randn(d, generator=g), "delta_bias": torch.randn(d, generator=g) * 0.5}
+    return {**{k: v.to(device=device, dtype=dtype) for k, v in act.items()}, **{k: v.to(device) for k, v in par.items()}}
+
+
+def step_scan(device: str, dry: bool, warmup: int, runs: int, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """MFuser's selective scan alone at one fuser's shape (:data:`SCAN_SHAPE`; dry: :data:`DRY_SCAN_SHAPE`).
+
+    Rows (``SCAN_ROWS``): the ``dgss::selective_scan`` op (on CUDA its Triton kernel; on the CPU, dry, the same
+    kernel in Triton's interpreter) forward in fp32 and bf16, and forward + backward (its fused backward op);
+    the exportable chunked scan (the ONNX / TorchScript path) forward and forward + backward; mamba-ssm's
+    ``selective_scan_fn`` forward where it imports on CUDA. Each gives its error against the chunked scan in
+    float64 on the same device: max |out − ref| / max |ref| (and the same over the eight gradients' worst).
+    """
+    import contextlib
+
+    import torch
+
+    from dgss_perception.ops.selective_scan import _load_kernel, selective_scan_chunked
+    from dgss_perception.ops.selective_scan_triton import TRITON_AVAILABLE, interpreted_kernels, selective_scan_triton
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = str(_cuda_device(device))
+    shape = DRY_SCAN_SHAPE if dry else SCAN_SHAPE
+    names = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+    ref_in = _scan_operands(shape, torch.float64, device)
+    ref_in = {k: v.double().requires_grad_() for k, v in ref_in.items()}
+    ref_out = selective_scan_chunked(**ref_in, delta_softplus=True)
+    grad_out = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    ref_grads = torch.autograd.grad(ref_out, [ref_in[k] for k in names], grad_out)
+    ref_out = ref_out.detach()
+
+    def error(got: torch.Tensor, want: torch.Tensor) -> float:
+        return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+    scans: dict[str, Callable[..., Any] | None] = {
+        "triton": selective_scan_triton if TRITON_AVAILABLE else None,
+        "chunked": selective_scan_chunked,
+        "mamba": _load_kernel() if cuda else None,
+    }
+    why_not = {"triton": "Triton is not installed", "mamba": "mamba_ssm's kernel does not import here"
+               if cuda else "mamba_ssm's kernel needs CUDA"}
+    rows: dict[str, Any] = {}
+    for rid in SCAN_ROWS:
+        impl, kind, precision = rid.split(".")
+        scan = scans[impl]
+        if scan is None:
+            rows[f"scan.{rid}"] = {"status": "skipped", "error": why_not[impl]}
+            emit(rows)
+            continue
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        x = _scan_operands(shape, dtype, device)
+        # The interpreter is how the kernels run on CPU tensors (dry); elsewhere the op's CPU kernel is chunked.
+        ctx = interpreted_kernels() if (impl == "triton" and not cuda) else contextlib.nullcontext()
+        with ctx:
+            if kind == "fwd":
+                with torch.inference_mode():
+                    out = scan(**x, delta_softplus=True)
+                    timing = _timed(lambda i: scan(**x, delta_softplus=True), warmup, runs, cuda)
+                err = error(out, ref_out)
+            else:
+                leaves = {k: v.requires_grad_() for k, v in x.items()}
+                grad = grad_out.to(dtype)
+
+                def step(i: int) -> Any:
+                    return torch.autograd.grad(scan(**leaves, delta_softplus=True), [leaves[k] for k in names], grad)
+
+                grads = step(0)
+                timing = _timed(step, warmup, runs, cuda)
+                err = max(error(g, r) for g, r in zip(grads, ref_grads))
+        rows[f"scan.{rid}"] = {"status": "ok", **timing, "frames": runs, "warmup": warmup, "max_rel_error": float(f"{err:.3g}"),
+                     "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                     "timer": "CUDA events" if cuda else "wall clock"}
+        emit(rows)
+    return {"rows": rows}
+
+
 STEP_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
-    "peak": step_peak, "export": step_export, "bench": step_bench, "eager": step_eager, "compile": step_eager}
+    "peak": step_peak, "scan": step_scan, "export": step_export, "bench": step_bench, "eager": step_eager,
+    "compile": step_eager}
 
 
 # -- isolation -----------------------------------------------------------------------------------------
@@ -524,7 +666,7 @@ def child_main(kind: str, args: dict[str, Any], log: str, result: str) -> None:
 
     try:
         fn = STEP_FUNCTIONS[kind]
-        extra = {"emit": emit} if kind in ("eager", "compile") else {}
+        extra = {"emit": emit} if kind in ("eager", "compile", "scan") else {}
         done = fn(**args, **extra)
         out["rows"].update(done.get("rows", {}))
         out["info"] = done.get("info")
@@ -534,12 +676,21 @@ def child_main(kind: str, args: dict[str, Any], log: str, result: str) -> None:
     _write_json(Path(result), out)
 
 
-def run_isolated(step: Step, timeout: float, logs: Path, isolation: str) -> tuple[dict[str, Any], str, float]:
-    """Run ``step`` in its own process for at most ``timeout`` s; its result, an outcome and the seconds taken.
+@dataclass
+class Running:
+    """A step started in its own process, and when it must end."""
 
-    Outcome: ``done`` (the step's result says whether it failed), ``timeout`` or ``died`` (a signal, or an
-    exit without a result).
-    """
+    step: Step
+    proc: Any
+    isolation: str
+    log: Path
+    result: Path
+    start: float
+    timeout: float
+
+
+def launch(step: Step, timeout: float, logs: Path, isolation: str) -> Running:
+    """Start ``step`` in its own process (a fork of this one, or a fresh interpreter), to run at most ``timeout`` s."""
     log = logs / f"{step.name}.log"
     result = logs / f"{step.name}.result.json"
     for p in (log, result):
@@ -549,40 +700,54 @@ def run_isolated(step: Step, timeout: float, logs: Path, isolation: str) -> tupl
         proc: Any = multiprocessing.get_context("fork").Process(
             target=child_main, args=(step.kind, step.args, str(log), str(result)), daemon=False)
         proc.start()
-        pid = proc.pid
-        proc.join(timeout)
-        alive = proc.is_alive()
     else:
         spec = logs / f"{step.name}.spec.json"
         _write_json(spec, {"kind": step.kind, "args": step.args, "log": str(log), "result": str(result)})
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec)], cwd=ROOT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        pid = proc.pid
-        try:
-            proc.wait(timeout)
-            alive = False
-        except subprocess.TimeoutExpired:
-            alive = True
+    return Running(step, proc, isolation, log, result, start, timeout)
+
+
+def poll(run: Running) -> tuple[dict[str, Any], str, float] | None:
+    """None while the step runs within its time; else its result, an outcome and the seconds it took.
+
+    Outcome: ``done`` (the step's result says whether it failed), ``timeout`` (killed, with what it had
+    written) or ``died`` (a signal, or an exit without a result).
+    """
+    fork = run.isolation == "fork"
+    alive = run.proc.is_alive() if fork else run.proc.poll() is None
+    if alive and time.perf_counter() - run.start < run.timeout:
+        return None
     if alive:
-        _kill_group(pid)
-        if isolation == "fork":
-            proc.join()
+        _kill_group(run.proc.pid)
+        if fork:
+            run.proc.join()
         else:
-            proc.wait()
-    seconds = time.perf_counter() - start
+            run.proc.wait()
+    elif fork:
+        run.proc.join()  # reaped: its exit code is set
+    seconds = time.perf_counter() - run.start
     try:
-        data = json.loads(result.read_text())
+        data = json.loads(run.result.read_text())
     except (OSError, ValueError):
         data = {"rows": {}, "error": None}
-    code = proc.exitcode if isolation == "fork" else proc.returncode
+    code = run.proc.exitcode if fork else run.proc.returncode
     if alive:
         outcome = "timeout"
-    elif code != 0 or not result.exists():
+    elif code != 0 or not run.result.exists():
         outcome = "died"
-        data["error"] = data.get("error") or f"the step's process exited with {code}\n{_log_tail(log)}"
+        data["error"] = data.get("error") or f"the step's process exited with {code}\n{_log_tail(run.log)}"
     else:
         outcome = "done"
     return data, outcome, seconds
+
+
+def run_isolated(step: Step, timeout: float, logs: Path, isolation: str) -> tuple[dict[str, Any], str, float]:
+    """Run ``step`` in its own process for at most ``timeout`` s and wait: :func:`poll`'s answer."""
+    running = launch(step, timeout, logs, isolation)
+    while (done := poll(running)) is None:
+        time.sleep(POLL_S)
+    return done
 
 
 def _kill_group(pid: int) -> None:
@@ -598,49 +763,71 @@ def _kill_group(pid: int) -> None:
 
 # -- plan, run, report ---------------------------------------------------------------------------------
 def plan(families: list[Family], dry: bool, device: str, work: Path, precisions: list[str],
-         compile_backend: str, compiled: set[str] | None = None) -> tuple[list[Step], list[dict[str, Any]]]:
+         compile_backend: str, compiled: set[str] | None = None,
+         pt2_modes: list[str] | None = None) -> tuple[list[Step], list[dict[str, Any]]]:
     """Steps, most important first, and the report's rows (one per figure the steps make), all pending.
 
     ``compiled``: the families that get a ``torch.compile`` step (default: those whose :class:`Family` says so).
+    ``pt2_modes``: the pt2 backend's runs per family (keys of :data:`PT2_MODES`; none: no pt2 program exported).
+    Tiers (each family by family): 0 the peak and the scan; 1 each package, its first TorchScript bench and
+    its first pt2 mode; 2 the other compiled pt2 modes; 3 eager references, the other precisions, the
+    eager program; 4 the ``torch.compile`` references.
     """
-    steps = [Step("peak", "peak", None, ["peak"], 60.0, {"device": device, "dry": dry})]
+    pt2_modes = list(pt2_modes or [])
+    runs, ewarm = (3, 1) if dry else (20, 5)
+    tiers: list[list[Step]] = [[Step("peak", "peak", None, ["peak"], 60.0, {"device": device, "dry": dry}),
+                                Step("scan", "scan", None, [f"scan.{r}" for r in SCAN_ROWS], 120.0,
+                                     {"device": device, "dry": dry, "warmup": ewarm, "runs": runs})],
+                               [], [], [], []]
     rows = [{"id": "peak", "family": None, "step": "peak", "backend": "torch matmul", "precision": "all"}]
-    later: list[Step] = []
+    rows += [{"id": f"scan.{r}", "family": None, "step": "scan", "precision": r.split(".")[2],
+              "backend": f"{r.split('.')[0]} selective scan, {'forward' if r.split('.')[1] == 'fwd' else 'fwd + bwd'}"}
+             for r in SCAN_ROWS]
     for fam in families:
         package = str(work / "packages" / fam.key)
         frames, warmup = (2, 1) if dry else (fam.frames, fam.warmup)
         runs, ewarm = (3, 1) if dry else (fam.frames, fam.warmup)
+        formats = ["torchscript"] + (["pt2"] if pt2_modes else [])
         export = Step(f"{fam.key}.export", "export", fam.key, [f"{fam.key}.export"], fam.caps["export"],
-                      {"family": fam.key, "dry": dry, "package": package})
-        steps.append(export)
-        rows.append({"id": f"{fam.key}.export", "family": fam.key, "step": "export", "backend": "torchscript",
+                      {"family": fam.key, "dry": dry, "package": package, "formats": formats})
+        tiers[1].append(export)
+        rows.append({"id": f"{fam.key}.export", "family": fam.key, "step": "export", "backend": "+".join(formats),
                      "precision": "fp32"})
-        for p in precisions:
+        bench = {"package": package, "device": device, "frames": frames, "warmup": warmup, "peak_gflops": None}
+        for i, p in enumerate(precisions):
             rid = f"{fam.key}.bench.{p}"
-            steps.append(Step(f"{fam.key}.bench.{p}", "bench", fam.key, [rid], fam.caps["bench"],
-                              {"package": package, "device": device, "precision": p, "frames": frames,
-                               "warmup": warmup, "report": str(work / "reports" / f"{fam.key}.{p}.json"),
-                               "peak_gflops": None, "row": rid}, after=export.name))
+            tiers[1 if i == 0 else 3].append(Step(
+                rid, "bench", fam.key, [rid], fam.caps["bench"],
+                {**bench, "precision": p, "report": str(work / "reports" / f"{fam.key}.{p}.json"), "row": rid},
+                after=export.name))
             rows.append({"id": rid, "family": fam.key, "step": "bench", "backend": "torchscript (engine)",
                          "precision": p})
+        for i, mode in enumerate(pt2_modes):
+            rid = f"{fam.key}.pt2.{mode}"
+            precision = precisions[0]  # bf16 where the bench takes it: the GPU's arithmetic
+            options, label = PT2_MODES[mode]
+            tier = 1 if i == 0 else 3 if mode == "none" else 2
+            tiers[tier].append(Step(
+                rid, "bench", fam.key, [rid], fam.caps["pt2"],
+                {**bench, "precision": precision, "report": str(work / "reports" / f"{fam.key}.pt2.{mode}.json"),
+                 "row": rid, "backend": "pt2", "options": options}, after=export.name))
+            rows.append({"id": rid, "family": fam.key, "step": "bench", "backend": f"pt2 (engine, {label})",
+                         "precision": precision})
         eager = {"family": fam.key, "dry": dry, "device": device, "warmup": ewarm, "runs": runs,
                  "compile_backend": compile_backend, "package": package}
-        steps.append(Step(f"{fam.key}.eager", "eager", fam.key, [f"{fam.key}.eager.fp32", f"{fam.key}.eager.bf16"],
-                          fam.caps["eager"], {**eager, "variants": ["fp32", "bf16"]}))
+        tiers[3].append(Step(f"{fam.key}.eager", "eager", fam.key, [f"{fam.key}.eager.fp32", f"{fam.key}.eager.bf16"],
+                             fam.caps["eager"], {**eager, "variants": ["fp32", "bf16"]}))
         rows += [{"id": f"{fam.key}.eager.{v}", "family": fam.key, "step": "eager", "backend": "eager PyTorch",
                   "precision": v} for v in ("fp32", "bf16")]
         if fam.key in (compiled if compiled is not None else {f.key for f in FAMILIES if f.compile}):
-            later.append(Step(f"{fam.key}.compile", "compile", fam.key, [f"{fam.key}.eager.compile_bf16"],
-                              fam.caps["compile"], {**eager, "variants": ["compile_bf16"]}))
+            tiers[4].append(Step(f"{fam.key}.compile", "compile", fam.key, [f"{fam.key}.eager.compile_bf16"],
+                                 fam.caps["compile"], {**eager, "variants": ["compile_bf16"]}))
             rows.append({"id": f"{fam.key}.eager.compile_bf16", "family": fam.key, "step": "compile",
                          "backend": f"torch.compile ({compile_backend})", "precision": "bf16"})
-    # torch.compile costs a minute or more per model: after every family's bench and eager figures, before
-    # the slow ones, which go last whatever happens.
-    slow = [s for s in steps if s.family and family_of(s.family).last]
-    steps = [s for s in steps if s not in slow] + later + slow
+    steps = [s for tier in tiers for s in tier]
     for r in rows:
         r.update(status="pending", ms=None, floor_ms=None, ratio=None, error=None)
-    # Shown family by family (peak first), in the order of their steps.
+    # Shown family by family (peak and scan first), in the order of their steps.
     order = {rid: i for i, rid in enumerate(rid for s in steps for rid in s.rows)}
     rank = {f.key: i for i, f in enumerate(families)}
     rows.sort(key=lambda r: (-1 if r["family"] is None else rank[r["family"]], order[r["id"]]))
@@ -715,9 +902,10 @@ def markdown(data: dict[str, Any]) -> str:
         "- peak (TFLOP/s, best of the timed matmuls): " + (", ".join(f"{k} {v:.4g}" for k, v in peaks.items())
                                                            or "n/a"),
         f"- frames: {FRAME[1]}x{FRAME[0]} rgb8. bench = the engine's inference median (`dgss-perception bench "
-        "--backend torchscript --no-node`, frame upload and label download included); eager = the export "
+        "--no-node`, frame upload and label download included; the commands below); eager = the export "
         "wrapper in eager PyTorch, uint8 frame at the graph's input size already on the device → labels on "
-        "the device, median of the timed runs (CUDA events on a GPU).",
+        "the device, median of the timed runs (CUDA events on a GPU). scan = one MFuser fuser's selective scan "
+        "alone, error against the chunked scan in float64.",
         "- floor = FLOPs per frame (card `export.flops`) / peak at the row's precision (fp32: TF32 off); "
         "ratio = ms / floor.",
         *(f"- {note}" for note in data.get("notes", [])),
@@ -742,6 +930,12 @@ def markdown(data: dict[str, Any]) -> str:
                 extra.append(f"engine total {_num(r['total_ms'])} ms")
             if r.get("warmup_s") is not None and r["step"] == "compile":
                 extra.append(f"warm-up (compile) {r['warmup_s']} s")
+            if r.get("compile_seconds"):
+                extra.append(f"load + compile {sum(r['compile_seconds'].values()):.1f} s")
+            if r.get("cuda_graph"):
+                extra.append("CUDA graphs")
+            if r.get("max_rel_error") is not None:
+                extra.append(f"max rel. error {r['max_rel_error']:.2g} ({r['dtype']}, shape {r['shape']})")
             status = "ok" + (f" ({'; '.join(extra)})" if extra else "")
         else:
             error = (r.get("error") or "").strip().splitlines()
@@ -760,11 +954,11 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def export_command(fam: Family, dry: bool, package: str) -> str:
+def export_command(fam: Family, dry: bool, package: str, formats: list[str]) -> str:
     """The bench_models command line that makes the same package (dry: plus the config edit it cannot say)."""
     preset, overrides, size = (fam.dry_preset, DRY_OVERRIDES, fam.dry_size) if dry else (fam.preset, {}, fam.size)
-    cmd = ["python3", "-m", "training.bench_models", "--preset", preset, "--out", package, "--formats", "torchscript",
-           "--overwrite"]
+    cmd = ["python3", "-m", "training.bench_models", "--preset", preset, "--out", package, "--formats",
+           ",".join(formats), "--overwrite"]
     if size:
         cmd += ["--height", str(size[0]), "--width", str(size[1])]
     if overrides:
@@ -789,8 +983,12 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cpu" if args.dry else "cuda")
     compile_backend = args.compile_backend or ("aot_eager" if args.dry else "inductor")
     families = [family_of(k) for k in args.families.split(",")] if args.families else list(FAMILIES)
-    notes = ["ONNX Runtime is not measured: on the GPU machine it is the CPU-only build, and the PyTorch path "
-             "is the one measured on the GPU (packages are exported as TorchScript only)."]
+    notes = ["ONNX Runtime is not measured: on the GPU machine it is the CPU-only build, and the PyTorch paths "
+             "(TorchScript, pt2) are the ones measured on the GPU (packages are exported without ONNX)."]
+    pt2_modes = [] if args.pt2 == "off" else (args.pt2 or (PT2_DRY_DEFAULT if args.dry else PT2_DEFAULT)).split(",")
+    # A cold cache of compiled programs of this run's own: the pt2 rows' compile seconds are what a first
+    # start on this machine costs.
+    os.environ.setdefault("DGSS_TORCH_CACHE", str(work / "torch_cache"))
     try:
         takes_precision = bench_takes_precision()
     except Exception as exc:  # noqa: BLE001 - the bench's own steps will record what is wrong with it
@@ -808,13 +1006,23 @@ def run(args: argparse.Namespace) -> int:
             args.isolation = "spawn"
             notes.append("the imports started threads or CUDA: each step ran in a fresh interpreter, not a fork")
     compiled = None if args.compile == "all" else set() if args.compile == "none" else set(args.compile.split(","))
-    steps, rows = plan(families, args.dry, device, work, precisions, compile_backend, compiled)
+    steps, rows = plan(families, args.dry, device, work, precisions, compile_backend, compiled, pt2_modes)
+    export_threads = None
+    if not args.serial and device.startswith("cuda"):
+        # Two cores left to the GPU steps beside the exports: their frames' decoding and their launches.
+        export_threads = max(1, (os.cpu_count() or 2) - 2)
+        notes.append(f"the packages were exported on {export_threads} CPU threads while the GPU steps ran "
+                     "(--serial: one step at a time)")
+    for s in steps:
+        if s.kind == "export":
+            s.args["threads"] = export_threads
     from dgss_perception.benchutil import device_info
 
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join(["python3", "scripts/gpu_figures.py", *sys.argv[1:]]), "dry": args.dry,
             "device": device, "host": device_info(), "torch": _version("torch"), "budget_s": args.budget_s,
             "isolation": args.isolation, "compile_backend": compile_backend, "bench_precision_flag": takes_precision,
+            "pt2_modes": pt2_modes, "torch_cache": os.environ["DGSS_TORCH_CACHE"], "serial": args.serial,
             "frame": [FRAME[0], FRAME[1]], "work": str(work), "notes": notes, "peak_tflops": None,
             "device_info": None}
     report = Report(out, meta, rows)
@@ -822,36 +1030,51 @@ def run(args: argparse.Namespace) -> int:
     for fam in families:
         for rid, r in report.rows.items():
             if r["family"] == fam.key and r["step"] == "export":
-                r["command"] = export_command(fam, args.dry, str(work / "packages" / fam.key))
+                r["command"] = export_command(fam, args.dry, str(work / "packages" / fam.key),
+                                              ["torchscript"] + (["pt2"] if pt2_modes else []))
     report.write()
     failed: set[str] = set()
+    finished: set[str] = set()
     min_step = DRY_MIN_STEP_S if args.dry else MIN_STEP_S
-    for step in steps:
+    # Two lanes: the exports (CPU work) one after another, and everything else (the GPU's) in order, each
+    # step waiting for the package it needs; --serial runs one step at a time.
+    lanes = [[s for s in steps if s.kind == "export"], [s for s in steps if s.kind != "export"]]
+    if args.serial:
+        lanes = [list(steps)]
+    running: list[Running | None] = [None] * len(lanes)
+
+    def skip_reason(step: Step) -> str | None:
         left = deadline - time.perf_counter()
         missing = [m for m in (family_of(step.family).needs if step.family else ())
                    if importlib.util.find_spec(m) is None]
-        reason = None
         if missing:
-            reason = f"{', '.join(missing)} not importable here"
-        elif step.after in failed:
-            reason = f"{step.after} failed"
-        elif left < min(step.cap_s, min_step):
-            reason = f"out of budget ({max(left, 0.0):.0f} s left)"
+            return f"{', '.join(missing)} not importable here"
+        if step.after in failed:
+            return f"{step.after} failed"
+        if left < min(step.cap_s, min_step):
+            return f"out of budget ({max(left, 0.0):.0f} s left)"
+        return None
+
+    def begin(step: Step) -> Running | None:
+        reason = skip_reason(step)
         if reason:
             failed.add(step.name)
+            finished.add(step.name)
             for rid in step.rows:
                 report.row(rid).update(status="skipped", error=reason)
             report.write()
-            continue
+            return None
         if step.kind == "bench":
             peak = report.peak_tflops(step.args["precision"])
             step.args["peak_gflops"] = peak * 1e3 if peak else None
         for rid in step.rows:
-            report.row(rid)["status"] = "running"
+            report.row(rid).update(status="running", started_s=round(time.perf_counter() - start, 2))
         report.write()
-        print(f"[{time.perf_counter() - start:6.1f} s] {step.name} (limit {min(step.cap_s, left):.0f} s) …",
-              flush=True)
-        data, outcome, seconds = run_isolated(step, min(step.cap_s, left), logs, args.isolation)
+        limit = min(step.cap_s, deadline - time.perf_counter())
+        print(f"[{time.perf_counter() - start:6.1f} s] {step.name} (limit {limit:.0f} s) …", flush=True)
+        return launch(step, limit, logs, args.isolation)
+
+    def end(step: Step, data: dict[str, Any], outcome: str, seconds: float) -> None:
         if step.kind == "peak" and not data["rows"] and device.startswith("cuda") and args.isolation == "fork":
             # The first GPU step failed in a fork: should CUDA not start in forks here, a fresh interpreter
             # saves the run (the retry fails the same way where the GPU itself is the trouble).
@@ -886,9 +1109,26 @@ def run(args: argparse.Namespace) -> int:
                 row.update(status="timeout" if outcome == "timeout" else "error",
                            error=error or "the step ended without this figure", seconds=round(seconds, 1))
                 failed.add(step.name)
+        for rid in step.rows:
+            report.row(rid)["ended_s"] = round(time.perf_counter() - start, 2)
+        finished.add(step.name)
         print(f"[{time.perf_counter() - start:6.1f} s] {step.name}: {outcome} in {seconds:.1f} s"
               + ("" if not error else f" — {error.strip().splitlines()[-1]}"), flush=True)
         report.write()
+
+    while any(lanes) or any(running):
+        for i, lane in enumerate(lanes):
+            current = running[i]
+            if current is not None:
+                done = poll(current)
+                if done is None:
+                    continue
+                running[i] = None
+                end(current.step, *done)
+            # The lane's next step, unless it waits for a package still being made.
+            while lane and running[i] is None and (lane[0].after is None or lane[0].after in finished):
+                running[i] = begin(lane.pop(0))
+        time.sleep(POLL_S)
     report.write()
     print(f"wrote {out / 'gpu_figures.json'} and {out / 'gpu_figures.md'} in {time.perf_counter() - start:.0f} s")
     return 0
@@ -936,6 +1176,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="families that get a torch.compile step: all (default: all but MFuser), none, or a "
                              "comma list")
     parser.add_argument("--compile-backend", help="torch.compile backend (default inductor; aot_eager with --dry)")
+    parser.add_argument("--pt2", metavar="MODES",
+                        help=f"the pt2 backend's runs per family, a comma list of {', '.join(PT2_MODES)}, or off (no "
+                             f"pt2 programs exported); default {PT2_DEFAULT} ({PT2_DRY_DEFAULT} with --dry)")
+    parser.add_argument("--serial", action="store_true",
+                        help="one step at a time (default: the packages are exported on the CPU while the GPU steps run)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -951,6 +1196,11 @@ def main(argv: list[str] | None = None) -> int:
             [family_of(k) for k in (text.split(",") if text else [])]
     except ValueError as exc:
         parser.error(str(exc))
+    if args.pt2 and args.pt2 != "off":
+        modes = args.pt2.split(",")
+        unknown = [m for m in modes if m not in PT2_MODES]
+        if unknown or len(set(modes)) != len(modes):
+            parser.error(f"--pt2 {args.pt2!r}: a comma list of distinct {', '.join(PT2_MODES)}, or off")
     args.work = args.work or "/tmp/gpu_figures_work"
     return run(args)
 
