@@ -127,7 +127,8 @@ class Family:
         dry_preset, dry_size, dry_config: the same for ``--dry``; ``dry_config`` is merged into the
             preset's training config (heads and windows the tower overrides do not reach).
         frames, warmup: engine frames measured and warm-up frames (bench), also eager runs and warm-up.
-        caps: per-step time limits in seconds (export, bench, eager, compile).
+        caps: per-step time limits in seconds (export, bench: TorchScript, pt2: a pt2 bench with its compile,
+            eager, compile).
         compile: whether a ``torch.compile`` step is planned.
         needs: modules the family's model needs; a missing one skips its steps at once.
     """
@@ -550,9 +551,11 @@ SCAN_ROWS = ("triton.fwd.fp32", "triton.fwd.bf16", "chunked.fwd.fp32", "mamba.fw
              "chunked.fwdbwd.fp32")
 
 
-def _scan_operands(shape: tuple[int, int, int, int], dtype: Any, device: str) -> dict[str, Any]:
+def _scan_operands(shape: tuple[int, int, int, int], dtype: Any, device: str,
+                   param_dtype: Any = None) -> dict[str, Any]:
     """MVFuser's scan operands at ``shape`` (N, D, L, S), seed 0: u, delta (N, D, L) and B, C (N, S, L) in
-    ``dtype``; A (D, S) < 0, D and delta_bias (D,) float32 (the module's parameters), all on ``device``."""
+    ``dtype``; A (D, S) < 0, D and delta_bias (D,) in ``param_dtype`` (default float32, as the module's
+    parameters), all on ``device``."""
     import torch
 
     n, d, length, s = shape
@@ -562,7 +565,8 @@ def _scan_operands(shape: tuple[int, int, int, int], dtype: Any, device: str) ->
     # MVFuser's A: −(1 … S) per channel, the S4D-real start its A_log is initialised to.
     par = {"A": -torch.arange(1, s + 1, dtype=torch.float32).repeat(d, 1) * torch.rand(d, 1, generator=g).add(0.5),
            "D": torch.randn(d, generator=g), "delta_bias": torch.randn(d, generator=g) * 0.5}
-    return {**{k: v.to(device=device, dtype=dtype) for k, v in act.items()}, **{k: v.to(device) for k, v in par.items()}}
+    params = {k: v.to(device=device, dtype=param_dtype or torch.float32) for k, v in par.items()}
+    return {**{k: v.to(device=device, dtype=dtype) for k, v in act.items()}, **params}
 
 
 def step_scan(device: str, dry: bool, warmup: int, runs: int, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -586,8 +590,7 @@ def step_scan(device: str, dry: bool, warmup: int, runs: int, emit: Callable[[di
         device = str(_cuda_device(device))
     shape = DRY_SCAN_SHAPE if dry else SCAN_SHAPE
     names = ("u", "delta", "A", "B", "C", "D", "delta_bias")
-    ref_in = _scan_operands(shape, torch.float64, device)
-    ref_in = {k: v.double().requires_grad_() for k, v in ref_in.items()}
+    ref_in = {k: v.requires_grad_() for k, v in _scan_operands(shape, torch.float64, device, torch.float64).items()}
     ref_out = selective_scan_chunked(**ref_in, delta_softplus=True)
     grad_out = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     ref_grads = torch.autograd.grad(ref_out, [ref_in[k] for k in names], grad_out)
@@ -631,9 +634,10 @@ def step_scan(device: str, dry: bool, warmup: int, runs: int, emit: Callable[[di
                 grads = step(0)
                 timing = _timed(step, warmup, runs, cuda)
                 err = max(error(g, r) for g, r in zip(grads, ref_grads))
-        rows[f"scan.{rid}"] = {"status": "ok", **timing, "frames": runs, "warmup": warmup, "max_rel_error": float(f"{err:.3g}"),
-                     "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-                     "timer": "CUDA events" if cuda else "wall clock"}
+        rows[f"scan.{rid}"] = {"status": "ok", **timing, "frames": runs, "warmup": warmup,
+                               "max_rel_error": float(f"{err:.3g}"), "shape": list(shape),
+                               "dtype": str(dtype).replace("torch.", ""),
+                               "timer": "CUDA events" if cuda else "wall clock"}
         emit(rows)
     return {"rows": rows}
 
@@ -774,10 +778,10 @@ def plan(families: list[Family], dry: bool, device: str, work: Path, precisions:
     eager program; 4 the ``torch.compile`` references.
     """
     pt2_modes = list(pt2_modes or [])
-    runs, ewarm = (3, 1) if dry else (20, 5)
+    scan_runs, scan_warmup = (3, 1) if dry else (20, 5)
     tiers: list[list[Step]] = [[Step("peak", "peak", None, ["peak"], 60.0, {"device": device, "dry": dry}),
                                 Step("scan", "scan", None, [f"scan.{r}" for r in SCAN_ROWS], 120.0,
-                                     {"device": device, "dry": dry, "warmup": ewarm, "runs": runs})],
+                                     {"device": device, "dry": dry, "warmup": scan_warmup, "runs": scan_runs})],
                                [], [], [], []]
     rows = [{"id": "peak", "family": None, "step": "peak", "backend": "torch matmul", "precision": "all"}]
     rows += [{"id": f"scan.{r}", "family": None, "step": "scan", "precision": r.split(".")[2],
@@ -1027,11 +1031,10 @@ def run(args: argparse.Namespace) -> int:
             "device_info": None}
     report = Report(out, meta, rows)
     report.start = start
-    for fam in families:
-        for rid, r in report.rows.items():
-            if r["family"] == fam.key and r["step"] == "export":
-                r["command"] = export_command(fam, args.dry, str(work / "packages" / fam.key),
-                                              ["torchscript"] + (["pt2"] if pt2_modes else []))
+    for s in steps:
+        if s.kind == "export":
+            report.row(s.rows[0])["command"] = export_command(family_of(s.family), args.dry, s.args["package"],
+                                                              s.args["formats"])
     report.write()
     failed: set[str] = set()
     finished: set[str] = set()
@@ -1180,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the pt2 backend's runs per family, a comma list of {', '.join(PT2_MODES)}, or off (no "
                              f"pt2 programs exported); default {PT2_DEFAULT} ({PT2_DRY_DEFAULT} with --dry)")
     parser.add_argument("--serial", action="store_true",
-                        help="one step at a time (default: the packages are exported on the CPU while the GPU steps run)")
+                        help="one step at a time (default: the packages are exported on the CPU beside the GPU steps)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
