@@ -35,6 +35,7 @@ from .config import TrainConfig, load_config
 from .export_wrappers import (CoarseGraph, HalfPrecision, RefineGraph, SegmentationGraph, SlideGraph,
                               WindowGraph, with_constants)
 from .inference import model_at_size, window_grid
+from .onnx_cuda import gap_lines
 
 GRAPH = "whole"
 EXPORT_MODES = ("whole", "slide", "coarse_to_fine")
@@ -803,6 +804,9 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
             data = external_data_files(out, spec["onnx"], force=external_data)
             if data:
                 spec["onnx_data"] = data
+    # Nodes ONNX Runtime's CUDA provider would leave to the CPU (copies around them, no CUDA graphs): none
+    # in this project's graphs; an export that adds one says so here rather than on the car.
+    cuda_gaps = {name: gap_lines(out / spec["onnx"]) for name, spec in graphs.items() if spec.get("onnx")}
     n = cfg.model.num_classes
     classes = list(CITYSCAPES_CLASSES) if n == 19 else [f"class_{i}" for i in range(n)]
     palette = [list(c) for c in palette_for(n)]
@@ -824,6 +828,7 @@ def export_package(cfg: TrainConfig, weights: Path, out: Path, size: tuple[int, 
                    "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
                    "opset": opset, "weights": "random (benchmark)" if benchmark else str(weights),
                    "parity": parity, "flops": flops, "flops_convention": FLOPS_CONVENTION,
+                   "onnx_cuda_gaps": {name: lines for name, lines in cuda_gaps.items() if lines},
                    "backbone": {"name": cfg.model.backbone.name, "overrides": cfg.model.backbone.overrides,
                                 "lora": "merged" if cfg.model.backbone.lora else None}},
     }
@@ -890,13 +895,18 @@ def parse_formats(parser: argparse.ArgumentParser, text: str) -> tuple[str, ...]
 
 
 def print_parity(card: dict) -> None:
-    """One line per parity check of an exported package."""
+    """One line per parity check of an exported package, then any ONNX node the CUDA provider lacks."""
     for r in card["export"]["parity"]:
         agreement = r.get("label_agreement_fp32")
         extra = "" if agreement is None else f", labels equal to fp32 on {agreement:.2%} of pixels"
         if r.get("label_agreement_bf16") is not None:
             extra += f", bf16 autocast keeps {r['label_agreement_bf16']:.2%} of its labels"
         print(f"parity {r['graph']}: max abs diff {r['max_abs_diff']:.3g}{extra} ({'ok' if r['ok'] else 'FAILED'})")
+    for graph, lines in card["export"].get("onnx_cuda_gaps", {}).items():
+        print(f"warning: {graph}.onnx: {len(lines)} node(s) would run on the CPU under ONNX Runtime's CUDA "
+              "provider (bus copies, no CUDA graphs):")
+        for line in lines:
+            print(f"  {line}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,12 +76,14 @@ class SegmentationGraph(nn.Module):
 def _nearest_upsample(labels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """uint8 (N,h,w) → (N,height,width) by nearest neighbour (PyTorch's rule: source = ⌊dst · h / height⌋).
 
-    Gathering rows and columns of the uint8 map costs a fraction of interpolating it as floats.
+    Gathering rows and columns of the uint8 map costs a fraction of interpolating it as floats. The
+    gathers are ``index_select`` (ONNX Gather): ONNX Runtime's CUDA provider has no uint8 GatherND, which
+    indexing with a tensor exports to, and would run it on the CPU with copies around it.
     """
     h, w = labels.shape[-2:]
     rows = torch.div(arange_like(labels, height) * h, height, rounding_mode="floor")
     cols = torch.div(arange_like(labels, width) * w, width, rounding_mode="floor")
-    return labels[:, rows][:, :, cols]
+    return labels.index_select(1, rows).index_select(2, cols)
 
 
 def _window_tables(windows: list[tuple[int, int]], window: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,19 @@ def _check_shapes(value: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]]
                          f"got {tuple(attention_weights.shape)}")
 
 
+def _grid_sample(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear ``grid_sample`` (zeros outside, align_corners=False), computed in float32 for half inputs.
+
+    value (B, C, h, w), grid (B, Lq, P, 2) → (B, C, Lq, P) in value's dtype. ONNX Runtime's CUDA provider has
+    GridSample kernels for float32 only: a float16 node would run on the CPU with copies across the bus
+    around it (and refuse CUDA graphs), so half-precision graphs sample in float32, as autocast does.
+    """
+    if value.dtype in (torch.float16, torch.bfloat16):
+        out = F.grid_sample(value.float(), grid.float(), mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out.to(value.dtype)
+    return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def ms_deform_attn_sample(value: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]],
                           sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """Multi-scale deformable attention core, with one ``grid_sample`` per level.
@@ -73,7 +86,7 @@ def ms_deform_attn_sample(value: torch.Tensor, spatial_shapes: Sequence[tuple[in
         value_l = value_list[level].flatten(2).transpose(1, 2).reshape(n * heads, head_dim, int(h), int(w))
         # (N, Lq, heads, points, 2) → (N·heads, Lq, points, 2): an Lq × points "image" of locations.
         grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+        sampled.append(_grid_sample(value_l, grid_l))
     # (N·heads, head_dim, Lq, levels·points), weighted over the last axis.
     samples = torch.stack(sampled, dim=-2).flatten(-2)
     weights = attention_weights.transpose(1, 2).reshape(n * heads, 1, num_queries, levels * points)
