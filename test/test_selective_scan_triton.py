@@ -201,6 +201,40 @@ def test_export_keeps_one_scan_node() -> None:
     assert_scan_close(got, want)
 
 
+def _scan_times_two(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    C: torch.Tensor) -> torch.Tensor:
+    return selective_scan_triton(u, delta, A, B, C, delta_softplus=True) * 2
+
+
+def _aot_forward_targets(*args: torch.Tensor) -> list:
+    """The call targets of the forward graph AOTDispatcher hands a torch.compile backend (what inductor sees)."""
+    from functorch.compile import aot_function, make_boxed_func
+
+    graphs = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    aot_function(_scan_times_two, fw_compiler=capture)(*args)
+    return [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
+
+
+def test_compile_keeps_the_op_whole_off_cuda_and_inlines_the_kernel_on_cuda() -> None:
+    """On the CPU inductor must call the op (its CPU kernel), not compile the chunked scan it would trace into
+    (that code corrupted the heap inside MFuser); on CUDA it sees the Triton kernel to inline."""
+    from torch._subclasses import FakeTensorMode
+
+    t = make_inputs(8, 9, 4)
+    args = (t["u"], t["delta"], t["A"], t["B"], t["C"])
+    cpu = _aot_forward_targets(*args)
+    assert "dgss.selective_scan.default" in cpu and not any("triton_kernel" in c for c in cpu)
+    with FakeTensorMode():  # CUDA tensors without a GPU: tracing only
+        fake = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="cuda") for a in args]
+        cuda = _aot_forward_targets(*fake)
+    assert "triton_kernel_wrapper_functional" in cuda and "dgss.selective_scan.default" not in cuda
+
+
 def test_gradients_equal_the_references() -> None:
     t = make_inputs(22, 13, 4, groups=2, seed=4)
     leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}

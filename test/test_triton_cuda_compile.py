@@ -146,24 +146,23 @@ def test_launch_capture_sees_the_launchers_choices() -> None:
     assert not (meta["HAS_D"] or meta["HAS_Z"] or meta["HAS_BIAS"])
 
 
+# Every case of both kernels, named by kernel: (forward|backward, case).
+LAUNCHES = [("forward", c) for c in sorted(FORWARD_CASES)] + [("backward", c) for c in sorted(BACKWARD_CASES)]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("case", sorted(FORWARD_CASES))
-def test_forward_kernel_compiles_without_spills(case: str, arch: int, tmp_path: Any) -> None:
-    shape, options, softplus = FORWARD_CASES[case]
-    args, meta = forward_launch(operands(**shape), options=options, softplus=softplus)
-    compiled = compile_launch(kernels._scan_fwd_body, kernels._scan_fwd_kernel, args, meta, arch)
+@pytest.mark.parametrize("kernel,case", LAUNCHES)
+def test_kernel_compiles_without_spills(kernel: str, case: str, arch: int, tmp_path: Any) -> None:
+    """ptxas makes a cubin of the launch for sm_``arch`` with no local memory or stack and at most 255 registers."""
+    if kernel == "forward":
+        shape, options, softplus = FORWARD_CASES[case]
+        args, meta = forward_launch(operands(**shape), options=options, softplus=softplus)
+        compiled = compile_launch(kernels._scan_fwd_body, kernels._scan_fwd_kernel, args, meta, arch)
+    else:
+        shape, options, grad_last = BACKWARD_CASES[case]
+        args, meta = backward_launch(operands(**shape), options=options, grad_last=grad_last)
+        compiled = compile_launch(kernels._scan_bwd_body, kernels._scan_bwd_kernel, args, meta, arch)
     assert compiled.asm["cubin"], "ptxas produced a cubin"
     use = resource_usage(compiled.asm["cubin"], tmp_path)
-    assert use["LOCAL"] == 0 and use["STACK"] == 0, f"{case} on sm_{arch} spills: {use}"
-    assert use["REG"] <= 255
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("case", sorted(BACKWARD_CASES))
-def test_backward_kernel_compiles_without_spills(case: str, arch: int, tmp_path: Any) -> None:
-    shape, options, grad_last = BACKWARD_CASES[case]
-    args, meta = backward_launch(operands(**shape), options=options, grad_last=grad_last)
-    compiled = compile_launch(kernels._scan_bwd_body, kernels._scan_bwd_kernel, args, meta, arch)
-    use = resource_usage(compiled.asm["cubin"], tmp_path)
-    assert use["LOCAL"] == 0 and use["STACK"] == 0, f"{case} on sm_{arch} spills: {use}"
+    assert use["LOCAL"] == 0 and use["STACK"] == 0, f"{kernel} {case} on sm_{arch} spills: {use}"
     assert use["REG"] <= 255

@@ -10,7 +10,8 @@ output and the last state, so its cost is one pass over memory.
 
 The op is registered with ``torch.library.triton_op``, so ``torch.export`` keeps it as a single
 ``dgss.selective_scan`` node (its fake implementation is the launcher itself, traced on fake tensors)
-while ``torch.compile`` / AOTInductor see and compile the kernel inside. Where that API is missing it is
+while ``torch.compile`` / AOTInductor see and compile the kernel inside on CUDA (on other devices
+they call the op as one extern kernel). Where that API is missing it is
 registered with ``torch.library.custom_op`` and an explicit fake implementation.
 
 Devices: on CUDA the compiled kernel runs; on the CPU the op is the chunked PyTorch scan (exact, and
@@ -243,9 +244,9 @@ def _selective_scan_impl(
     """Body of ``dgss::selective_scan``: (out (N, D, L) in u's dtype, last state (N, D, S) float32).
 
     Also the op's fake implementation (run on fake tensors, where the launch is traced, not run) and what
-    torch.compile decomposes the op into. CUDA launches the compiled kernel; other devices get the
-    chunked PyTorch scan here, which is exact, traceable and compilable (eager CPU calls never reach this:
-    the op's CPU kernel runs the interpreted Triton kernel).
+    torch.compile decomposes the op into on CUDA. CUDA launches the compiled kernel; other devices get
+    the chunked PyTorch scan here, which is exact and traceable (eager CPU calls and CPU torch.compile
+    never reach this: they call the op's CPU kernel, see :func:`_keep_opaque_off_cuda`).
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
     if u.device.type != "cuda":
@@ -702,6 +703,30 @@ def _backward(ctx: Any, grad_out: Optional[torch.Tensor], grad_last: Optional[to
     return tuple(g if w else None for g, w in zip(grads, wanted)) + (None,)
 
 
+def _keep_opaque_off_cuda(op) -> None:
+    """Let torch.compile decompose the op into its Triton kernel on CUDA only; elsewhere keep it one call.
+
+    ``triton_op`` makes AOTDispatcher (under FunctionalTensorMode) trace the op's body, so inductor can
+    inline the kernel launch. Off CUDA that body is the chunked scan, and inductor's CPU code for it
+    fused into the surrounding MFuser graph corrupts the heap (torch 2.14, a dynamic window count:
+    "double free or corruption" on the first frame). Kept opaque, inductor calls the op's CPU kernel
+    (the eager chunked scan) as an extern kernel; the compiled graph around it is unchanged.
+    """
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    decompose = getattr(op, "_torch_dispatch_fns", {}).get(FunctionalTensorMode)
+    if decompose is None:  # a custom_op (older torch): already opaque
+        return
+
+    def functional_rule(mode, func, types, args, kwargs):  # noqa: ANN001 (torch_dispatch signature)
+        u = args[0] if args else kwargs["u"]
+        if u.device.type == "cuda":
+            return decompose(mode, func, types, args, kwargs)
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, functional_rule)
+
+
 if TRITON_AVAILABLE:
     if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
         selective_scan_op = torch.library.triton_op(OP_NAME, _selective_scan_impl, mutates_args=())
@@ -721,6 +746,7 @@ if TRITON_AVAILABLE:
 
     selective_scan_op.register_kernel("cpu", _selective_scan_cpu)
     selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+    _keep_opaque_off_cuda(selective_scan_op)
     selective_scan_backward_op.register_kernel("cpu", _selective_scan_bwd_cpu)
 
 
