@@ -714,8 +714,11 @@ def _keep_opaque_off_cuda(op) -> None:
     """
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
+    # The triton_op's own rule, kept for CUDA. A custom_op (older torch) has none and is already opaque; a
+    # torch that renamed this private table would leave the CPU decomposition on, which
+    # test_compile_keeps_the_op_whole_off_cuda_and_inlines_the_kernel_on_cuda catches.
     decompose = getattr(op, "_torch_dispatch_fns", {}).get(FunctionalTensorMode)
-    if decompose is None:  # a custom_op (older torch): already opaque
+    if decompose is None:
         return
 
     def functional_rule(mode, func, types, args, kwargs):  # noqa: ANN001 (torch_dispatch signature)
