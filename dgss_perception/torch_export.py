@@ -142,10 +142,40 @@ def strip_metadata_asserts(program: Any) -> int:
     return removed
 
 
+def drop_dead_code(program: Any) -> int:
+    """Remove the program's operators whose results nothing uses; returns how many there were.
+
+    ``torch.export`` keeps calls whose value it recorded but nothing reads, such as
+    ``aten.promote_types`` where a model picks its compute dtype (``torch.promote_types(x.dtype,
+    torch.float32)``). They cost nothing eagerly, but ``torch.compile`` cannot put an operator that
+    returns a dtype into a graph: each one split the compiled program (DepthForge's window graph into 7
+    graphs, MFuser's into 12), with Python between the pieces and a CUDA graph per piece. Operators with
+    side effects (assertions, in-place updates) are kept: FX counts them impure.
+    """
+    import torch
+
+    removed = 0
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        before = len(module.graph.nodes)
+        if module.graph.eliminate_dead_code():
+            removed += before - len(module.graph.nodes)
+            module.recompile()
+    return removed
+
+
+def prepare_program(program: Any) -> Any:
+    """``program`` as the runtime runs it: without export-time dtype/device checks and unused operators."""
+    strip_metadata_asserts(program)
+    drop_dead_code(program)
+    return program
+
+
 def load_program(path: Path, device: str) -> Any:
     """``path``'s exported program with its weights, constants and device arguments on ``device``.
 
-    Its export-time dtype and device checks are removed (:func:`strip_metadata_asserts`).
+    Its export-time dtype and device checks and its unused operators are removed (:func:`prepare_program`).
 
     Raises BackendError where the file is no exported program, or where the moved program still names
     another device (a tensor the graph would make there, then mix with tensors on ``device``).
@@ -160,8 +190,7 @@ def load_program(path: Path, device: str) -> Any:
         program = torch.export.load(str(path))
     except Exception as exc:  # a zip that is no program raises torch's own errors, which share no base
         raise BackendError(f"{path} is not a torch.export program ({type(exc).__name__}: {exc})") from exc
-    strip_metadata_asserts(program)
-    program = move_to_device_pass(program, device)
+    program = move_to_device_pass(prepare_program(program), device)
     target = torch.device(device)
     stray = {d for d in device_literals(program) if torch.device(d) != target}
     if stray:
@@ -221,6 +250,13 @@ def autocast_program(program: Any, device_type: str, dtype: Any) -> Any:
             entry[i] = dims[symbol]
         spec.append(entry or None)
     return torch.export.export(Autocast(program.module()), tuple(args), dynamic_shapes=(tuple(spec),))
+
+
+def _cudagraph_skips() -> int:
+    """How many compiled graphs TorchInductor has run without the CUDA graphs asked for, in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 class TorchExportBackend(TorchBackend):
@@ -327,9 +363,14 @@ class TorchExportBackend(TorchBackend):
         key = tuple((tuple(t.shape), t.dtype) for t in tensors)
         if key in self._seen:
             return self._module(*tensors)
+        skips = _cudagraph_skips()
         with inductor_cache(self.cache_dir):  # a shape not run before may compile
             out = self._module(*tensors)
         self._seen.add(key)
+        if self.cuda_graph and _cudagraph_skips() > skips:
+            # TorchInductor only logs that it ran a compiled graph without CUDA graphs; the node reports this note.
+            self.cuda_graph_note = (f"TorchInductor runs inputs of shapes {[list(t.shape) for t in tensors]} without "
+                                    "CUDA graphs (TORCH_LOGS=cudagraphs says why)")
         return out
 
     def _kept(self, tensor: DeviceTensor) -> DeviceTensor:

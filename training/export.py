@@ -187,14 +187,12 @@ def load_torch_graph(path: Path) -> Callable[..., Any]:
     """An exported PyTorch graph as a callable on the CPU: a ``.pt2`` program's module, else TorchScript."""
     if path.suffix == ".pt2":
         from dgss_perception.ops import register
-        from dgss_perception.torch_export import strip_metadata_asserts
+        from dgss_perception.torch_export import prepare_program
 
         register()
 
-        program = torch.export.load(str(path))
         # As the runtime runs it: without the export-time dtype checks, which autocast's bf16 would trip.
-        strip_metadata_asserts(program)
-        return program.module()
+        return prepare_program(torch.export.load(str(path))).module()
     return torch.jit.load(str(path))
 
 
