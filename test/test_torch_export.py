@@ -15,10 +15,13 @@ rather than called), so the compiled runs take one graph per family and all but 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -271,33 +274,57 @@ def test_unused_operators_go_and_assertions_stay():
         program.module()(torch.full((4, 3), 200, dtype=torch.int32))
 
 
-def _cuda_inference_graph(path: Path) -> torch.fx.GraphModule:
-    """The inference graph AOTDispatcher hands TorchInductor for the program at ``path`` on CUDA, traced with
-    fake CUDA tensors (no GPU needed): what ``torch.compile(mode="reduce-overhead")`` would capture."""
-    from functorch.compile import aot_function, make_boxed_func
+@contextlib.contextmanager
+def _fake_cuda() -> Iterator[None]:
+    """CUDA tensors without a GPU, for tracing only: fake tensors, with a shape environment as torch.compile has
+    (sizes known only at run time trace, to be caught), and CUDA autocast, which turns itself off where no GPU is."""
+    from unittest import mock
+
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()), \
+            mock.patch("torch.cuda.amp.common.amp_definitely_not_available", return_value=False), \
+            mock.patch("torch.cuda.is_bf16_supported", return_value=True):
+        yield
+
+
+def _program_on_fake_cuda(path: Path) -> Any:
+    """The program at ``path`` as :func:`load_program` gives it for CUDA; call inside :func:`_fake_cuda`.
+
+    It is read before (torch.export.load needs real tensors) and then moved as load_program moves it.
+    """
     from torch._subclasses import FakeTensorMode
     from torch.export.passes import move_to_device_pass
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     from dgss_perception.ops import register
     from dgss_perception.torch_export import prepare_program
 
     register()
-    program = prepare_program(torch.export.load(str(path)))  # as load_program, whose loading needs real tensors
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        program = prepare_program(torch.export.load(str(path)))
+    assert isinstance(torch._guards.detect_fake_mode(), FakeTensorMode), "call inside _fake_cuda()"
+    program = move_to_device_pass(program, "cuda")
+    assert device_literals(program) <= {"cuda", "cuda:0"}
+    return program
+
+
+def _cuda_inference_graph(path: Path) -> torch.fx.GraphModule:
+    """The inference graph AOTDispatcher hands TorchInductor for the program at ``path`` on CUDA, traced with
+    fake CUDA tensors (no GPU needed): what ``torch.compile(mode="reduce-overhead")`` would capture."""
+    from functorch.compile import aot_function, make_boxed_func
+
     graphs = []
 
     def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         graphs.append(gm)
         return make_boxed_func(gm.forward)
 
-    # A shape environment, as torch.compile has: sizes known only at run time trace (and are then caught).
-    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()):
-        program = move_to_device_pass(program, "cuda")
-        assert device_literals(program) <= {"cuda", "cuda:0"}
+    with _fake_cuda():
+        program = _program_on_fake_cuda(path)
         module = program.module()
         state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        args = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="cuda")
-                for a in program.example_inputs[0]]
+        args = program.example_inputs[0]
         with torch.no_grad():
             aot_function(lambda s, *x: torch.func.functional_call(module, s, x), fw_compiler=capture)(state, *args)
     return graphs[-1]
@@ -341,6 +368,35 @@ def test_the_cuda_graph_conditions_catch_a_run_time_size(tmp_path):
     path = tmp_path / "select.pt2"
     torch.export.save(torch.export.export(_Select(), (torch.ones(2, 3, dtype=torch.uint8),)), str(path))
     assert any("nonzero" in why for why in _cuda_graph_refusals(_cuda_inference_graph(path)))
+
+
+# The operators that carry a network's arithmetic, each of which autocast runs in half precision on CUDA.
+AUTOCAST_HEAVY = {"aten.linear.default", "aten.conv1d.default", "aten.conv2d.default", "aten.conv_transpose2d.input",
+                  "aten.matmul.default", "aten.einsum.default", "aten.scaled_dot_product_attention.default"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("package", FAMILY_PACKAGES + ("c2f_dir",))
+def test_programs_run_under_cuda_autocast(package, dtype, request):
+    """On a GPU the pt2 backend runs each program under CUDA autocast (eagerly or compiled), and AOTInductor
+    compiles it exported again under autocast. CUDA's autocast casts other operators than the CPU's, so a graph
+    that mixes dtypes only there would fail only on the car; traced here on fake CUDA tensors, both ways run,
+    run their matrix products, convolutions and attention in ``dtype`` and give labels as uint8 and scores in
+    float32 or ``dtype``."""
+    path = request.getfixturevalue(package)
+    for spec in load_card(path).graphs.values():
+        with _fake_cuda():
+            program = _program_on_fake_cuda(path / spec.pt2)
+            with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+                outputs = program.module()(*program.example_inputs[0])
+            again = autocast_program(program, "cuda", dtype)
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        assert all(o.device.type == "cuda" for o in outputs)
+        assert {o.dtype for o in outputs} <= {torch.uint8, torch.float32, dtype}, spec.pt2
+        heavy = [(str(n.target), n.meta["val"].dtype) for m in again.graph_module.modules()
+                 if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes if str(n.target) in AUTOCAST_HEAVY]
+        assert heavy and all(d == dtype for _, d in heavy), f"{spec.pt2}: {sorted(set(heavy))}"
+        assert dynamic_dims(again)[0].keys() == dynamic_dims(program)[0].keys()
 
 
 class _Zeros(torch.nn.Module):
