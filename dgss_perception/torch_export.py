@@ -154,34 +154,22 @@ def drop_dead_code(program: Any) -> int:
     """
     import torch
 
-    removed = 0
-    for module in program.graph_module.modules():
-        if not isinstance(module, torch.fx.GraphModule):
-            continue
-        before = len(module.graph.nodes)
-        if module.graph.eliminate_dead_code():
-            removed += before - len(module.graph.nodes)
-            module.recompile()
-    return removed
+    def size() -> int:
+        return sum(len(m.graph.nodes) for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule))
+
+    before = size()
+    if program.graph_module.graph.eliminate_dead_code():  # the subgraphs it calls too (recompiled there)
+        program.graph_module.recompile()
+    return before - size()
 
 
-def prepare_program(program: Any) -> Any:
-    """``program`` as the runtime runs it: without export-time dtype/device checks and unused operators."""
-    strip_metadata_asserts(program)
-    drop_dead_code(program)
-    return program
+def read_program(path: Path) -> Any:
+    """``path``'s exported program as the runtime runs it, on the export's device.
 
-
-def load_program(path: Path, device: str) -> Any:
-    """``path``'s exported program with its weights, constants and device arguments on ``device``.
-
-    Its export-time dtype and device checks and its unused operators are removed (:func:`prepare_program`).
-
-    Raises BackendError where the file is no exported program, or where the moved program still names
-    another device (a tensor the graph would make there, then mix with tensors on ``device``).
+    Its export-time dtype and device checks (:func:`strip_metadata_asserts`) and its unused operators
+    (:func:`drop_dead_code`) are removed. Raises BackendError where the file is no exported program.
     """
     import torch
-    from torch.export.passes import move_to_device_pass
 
     from .ops import register
 
@@ -190,13 +178,32 @@ def load_program(path: Path, device: str) -> Any:
         program = torch.export.load(str(path))
     except Exception as exc:  # a zip that is no program raises torch's own errors, which share no base
         raise BackendError(f"{path} is not a torch.export program ({type(exc).__name__}: {exc})") from exc
-    program = move_to_device_pass(prepare_program(program), device)
+    strip_metadata_asserts(program)
+    drop_dead_code(program)
+    return program
+
+
+def place_program(program: Any, device: str, name: str = "the program") -> Any:
+    """``program`` with its weights, constants and device arguments moved to ``device``.
+
+    Raises BackendError where the moved program still names another device (a tensor the graph would make
+    there, then mix with tensors on ``device``); ``name`` says which program in that message.
+    """
+    import torch
+    from torch.export.passes import move_to_device_pass
+
+    program = move_to_device_pass(program, device)
     target = torch.device(device)
     stray = {d for d in device_literals(program) if torch.device(d) != target}
     if stray:
-        raise BackendError(f"{path}: the program still names device(s) {sorted(stray)} after moving it to "
+        raise BackendError(f"{name}: the program still names device(s) {sorted(stray)} after moving it to "
                            f"{device}; re-export it from graphs that make their tensors on their input's device")
     return program
+
+
+def load_program(path: Path, device: str) -> Any:
+    """``path``'s exported program (:func:`read_program`) on ``device`` (:func:`place_program`)."""
+    return place_program(read_program(path), device, str(path))
 
 
 def dynamic_dims(program: Any) -> list[dict[int, tuple[Any, int, int | None]]]:

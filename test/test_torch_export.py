@@ -34,7 +34,7 @@ from dgss_perception.card import CardError, load_card, sha256_file
 from dgss_perception.engine import Segmenter
 from dgss_perception.torch_export import (AOTI_PACKAGE, CACHE_ENV, TorchExportBackend, autocast_program,
                                           device_literals, drop_dead_code, dynamic_dims, load_program,
-                                          strip_metadata_asserts, torch_cache_dir)
+                                          place_program, read_program, strip_metadata_asserts, torch_cache_dir)
 from training.export import export_package, parse_formats
 
 MIN_AGREEMENT = 0.999
@@ -292,21 +292,14 @@ def _fake_cuda() -> Iterator[None]:
 def _program_on_fake_cuda(path: Path) -> Any:
     """The program at ``path`` as :func:`load_program` gives it for CUDA; call inside :func:`_fake_cuda`.
 
-    It is read before (torch.export.load needs real tensors) and then moved as load_program moves it.
+    It is read with real tensors (torch.export.load needs them), then placed on the fake GPU.
     """
     from torch._subclasses import FakeTensorMode
-    from torch.export.passes import move_to_device_pass
 
-    from dgss_perception.ops import register
-    from dgss_perception.torch_export import prepare_program
-
-    register()
     with torch._subclasses.fake_tensor.unset_fake_temporarily():
-        program = prepare_program(torch.export.load(str(path)))
+        program = read_program(path)
     assert isinstance(torch._guards.detect_fake_mode(), FakeTensorMode), "call inside _fake_cuda()"
-    program = move_to_device_pass(program, "cuda")
-    assert device_literals(program) <= {"cuda", "cuda:0"}
-    return program
+    return place_program(program, "cuda", str(path))
 
 
 def _cuda_inference_graph(path: Path) -> torch.fx.GraphModule:

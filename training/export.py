@@ -186,13 +186,10 @@ def export_program(graph: nn.Module, example: torch.Tensor | tuple[torch.Tensor,
 def load_torch_graph(path: Path) -> Callable[..., Any]:
     """An exported PyTorch graph as a callable on the CPU: a ``.pt2`` program's module, else TorchScript."""
     if path.suffix == ".pt2":
-        from dgss_perception.ops import register
-        from dgss_perception.torch_export import prepare_program
-
-        register()
+        from dgss_perception.torch_export import read_program
 
         # As the runtime runs it: without the export-time dtype checks, which autocast's bf16 would trip.
-        return prepare_program(torch.export.load(str(path))).module()
+        return read_program(path).module()
     return torch.jit.load(str(path))
 
 
